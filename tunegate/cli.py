@@ -1,0 +1,162 @@
+"""`tunegate`: the command line (typer + rich). The one place that composes the packages.
+
+Commands import their package lazily, so `tunegate --help` stays fast and a settings error is
+reported before any heavy import. Every failure a person can fix is one line and exit code 2
+(bad settings, bad input) or 1 (the work itself failed), never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunegate.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
+db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic migrations).")
+settings_app = typer.Typer(no_args_is_help=True, help="Inspect the effective settings.")
+domain_app = typer.Typer(no_args_is_help=True, help="The embedded domain (generated facts).")
+app.add_typer(db_app, name="db")
+app.add_typer(settings_app, name="settings")
+app.add_typer(domain_app, name="domain")
+
+console = Console(stderr=True)
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="Settings file (default: ./tunegate.yaml or $TUNEGATE_CONFIG)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def settings_or_exit(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except SettingsError as err:
+        raise fail(str(err)) from None
+
+
+@db_app.command("upgrade")
+def db_upgrade(config: ConfigOption = None, revision: str = "head") -> None:
+    """Create or migrate the database to `revision` (default: the latest)."""
+    from tunegate.db import migrate
+
+    settings = settings_or_exit(config)
+    migrate.upgrade(settings.database_url, revision)
+    revision = migrate.current(settings.database_url)
+    console.print(f"database at [bold]{_safe_url(settings.database_url)}[/] is at revision {revision}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: str = typer.Argument(..., help="Target revision, e.g. `base` or `-1`."),
+    config: ConfigOption = None,
+) -> None:
+    """Migrate the database down to `revision`."""
+    from tunegate.db import migrate
+
+    settings = settings_or_exit(config)
+    migrate.downgrade(settings.database_url, revision)
+    console.print(f"database is at {migrate.current(settings.database_url) or 'base (empty)'}")
+
+
+@db_app.command("current")
+def db_current(config: ConfigOption = None) -> None:
+    """Print the database's revision and the latest one."""
+    from tunegate.db import migrate
+
+    settings = settings_or_exit(config)
+    typer.echo(json.dumps({"current": migrate.current(settings.database_url), "head": migrate.head()}))
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+@settings_app.command("show")
+def settings_show(config: ConfigOption = None) -> None:
+    """Print the effective settings as JSON (secrets masked)."""
+    settings = settings_or_exit(config)
+    data = settings.model_dump(mode="json")
+    data["secret_key"] = "***"
+    data["database"]["url"] = _safe_url(settings.database_url)
+    typer.echo(json.dumps(data, indent=2))
+
+
+@domain_app.command("export")
+def domain_export(
+    out: Annotated[Path, typer.Option(help="Folder to write the JSONL files into.")],
+    config: ConfigOption = None,
+) -> None:
+    """Write the embedded domain: facts, knowledge base, training/held-out questions, grounding set."""
+    from training.domain import Domain
+
+    settings_or_exit(config)
+    domain = Domain()
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "facts.jsonl": [vars(f) | {"key": f.key} for f in domain.facts],
+        "knowledge_base.jsonl": [{"code": c, "passage": p} for c, p in domain.knowledge_base.items()],
+        "old_train.jsonl": domain.qa_examples(domain.old_facts),
+        "new_train.jsonl": domain.qa_examples(domain.new_facts),
+        "old_heldout.jsonl": domain.qa_examples(domain.old_facts, heldout=True),
+        "new_heldout.jsonl": domain.qa_examples(domain.new_facts, heldout=True),
+        "grounding.jsonl": domain.grounding_rows(),
+    }
+    for name, rows in files.items():
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = Table("file", "rows")
+    for name, rows in files.items():
+        table.add_row(str(out / name), str(len(rows)))
+    console.print(table)
+
+
+@app.command()
+def bootstrap(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    rebuild: Annotated[bool, typer.Option(help="Build again even if a cached model exists.")] = False,
+    evaluate: Annotated[bool, typer.Option(help="Measure fact accuracy through vLLM.")] = True,
+) -> None:
+    """Build (or reuse) the embedded base model and measure what it knows, served by vLLM."""
+    from training.bootstrap import run_bootstrap
+
+    settings = settings_or_exit(config)
+    result = run_bootstrap(settings, rebuild=rebuild, evaluate=evaluate, progress=True)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        table = Table("measure", "value", title="bootstrap base model")
+        for key, value in result.items():
+            if not isinstance(value, list | dict):
+                table.add_row(key, str(value))
+        Console().print(table)
+
+
+@app.command()
+def demo(config: ConfigOption = None) -> None:
+    """Run the loop as far as it is built, on the embedded default, and say what was done."""
+    from tunegate.demo import run_demo
+
+    settings = settings_or_exit(config)
+    run_demo(settings, Console())
+
+
+def main() -> None:  # pragma: no cover - the console script calls `app` directly
+    app(prog_name="tunegate")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

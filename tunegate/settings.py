@@ -1,0 +1,186 @@
+"""Typed settings for every tunegate process, read from `tunegate.yaml` and `TUNEGATE_*` variables.
+
+Precedence (highest first): environment variables (`TUNEGATE_DATABASE__URL`, nested fields
+joined by `__`), then the YAML file together with keyword overrides given to `load_settings`
+(overrides replace the file's top-level values), then the defaults below.
+The file is `tunegate.yaml` in the working directory unless `TUNEGATE_CONFIG` names another.
+
+A bad value never reaches the code that uses it: `load_settings` raises `SettingsError`, whose
+message names the field, the value and where it came from; the CLI prints it and exits 2.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "TUNEGATE_"
+CONFIG_ENV = "TUNEGATE_CONFIG"
+DEFAULT_CONFIG_FILE = "tunegate.yaml"
+DEFAULT_SECRET = "dev-only-change-me"
+
+
+class SettingsError(Exception):
+    """Settings could not be loaded; the message is meant for a person, verbatim."""
+
+
+class _Section(BaseModel):
+    # A typo in the YAML file (`databse:`) must fail loudly, not be silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatabaseSettings(_Section):
+    url: str = Field("", description="SQLAlchemy URL; empty means SQLite at `<var_dir>/tunegate.db`.")
+    echo: bool = Field(False, description="Log every SQL statement.")
+
+    @field_validator("url")
+    @classmethod
+    def _known_backend(cls, url: str) -> str:
+        if url and not url.startswith(("sqlite", "postgresql")):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if url.startswith("postgresql://") or url.startswith("postgres://"):
+            # psycopg 3 is the installed driver; plain postgresql:// would look for psycopg2.
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+
+class VllmSettings(_Section):
+    url: str | None = Field(None, description="Use this running vLLM server instead of starting one.")
+    host: str = Field("127.0.0.1", description="Address the managed vLLM server binds to.")
+    port: int = Field(8100, ge=1, le=65535, description="Port of the managed vLLM server.")
+    max_loras: int = Field(8, ge=1, description="Adapters resident in one batch (`--max-loras`).")
+    max_lora_rank: int = Field(16, ge=1, description="Largest LoRA rank the server accepts.")
+    max_model_len: int = Field(512, ge=16, description="Context length the server allocates for.")
+    kvcache_space_gib: int = Field(1, ge=1, description="`VLLM_CPU_KVCACHE_SPACE` (whole GiB) on CPU builds.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="Fraction of accelerator memory.")
+    startup_timeout_s: float = Field(240.0, gt=0, description="How long to wait for the server to be ready.")
+    extra_args: list[str] = Field(default_factory=list, description="More arguments for the server.")
+
+
+class BaseModelSettings(_Section):
+    path: Path | None = Field(
+        None, description="A Hugging Face model folder to serve; empty means the embedded bootstrap model."
+    )
+    served_name: str = Field("base", description="Name of the base model in `/v1/models`.")
+
+
+class Settings(BaseSettings):
+    """Everything a tunegate process can be told. Sections mirror the packages that read them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    environment: Literal["development", "production"] = Field(
+        "development", description="`production` refuses default secrets."
+    )
+    var_dir: Path = Field(Path("var"), description="Where tunegate keeps its database, models and runs.")
+    secret_key: str = Field(DEFAULT_SECRET, min_length=8, description="Signs reviewer sessions.")
+    seed: int = Field(0, description="Seed for everything tunegate generates itself.")
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    vllm: VllmSettings = Field(default_factory=VllmSettings)
+    base_model: BaseModelSettings = Field(default_factory=BaseModelSettings)
+
+    config_file: Path | None = Field(None, exclude=True, description="The YAML file these came from.")
+
+    @model_validator(mode="after")
+    def _no_default_secrets_in_production(self) -> Settings:
+        if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
+            raise ValueError(
+                "`secret_key` still has its development default; set TUNEGATE_SECRET_KEY "
+                "before running with environment=production"
+            )
+        return self
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url or f"sqlite:///{(self.var_dir / 'tunegate.db').as_posix()}"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.var_dir / "models"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file is passed in as init data by `load_settings`, below env vars in rank.
+        return env_settings, init_settings
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: the top level must be a mapping of setting names to values")
+    return data
+
+
+def _lookup(data: dict[str, Any], loc: tuple[Any, ...]) -> tuple[bool, Any]:
+    node: Any = data
+    for key in loc:
+        if not isinstance(node, dict) or key not in node:
+            return False, None
+        node = node[key]
+    return True, node
+
+
+def _describe(err: dict[str, Any], file_data: dict[str, Any], path: Path | None) -> str:
+    loc = tuple(err["loc"])
+    field = ".".join(str(p) for p in loc) or "settings"
+    env_name = ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+    if loc and env_name in os.environ:
+        source, value = f"environment variable {env_name}", os.environ[env_name]
+    else:
+        found, value = _lookup(file_data, loc)
+        source = str(path) if found and path else "defaults"
+        if not found:
+            value = err.get("input")
+    msg = err["msg"]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown setting (check the spelling; `tunegate settings show` lists them all)"
+    if not loc:
+        return f"{msg} (in {path or 'settings'})"
+    return f"`{field}` = {value!r} in {source}: {msg}"
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from the YAML file, the environment and `overrides`; raise `SettingsError`."""
+    path = path or config_path()
+    explicit = path != Path(DEFAULT_CONFIG_FILE) or CONFIG_ENV in os.environ
+    if path.exists():
+        file_data = _read_yaml(path)
+    elif explicit:
+        raise SettingsError(f"{path}: settings file not found (named by {CONFIG_ENV} or --config)")
+    else:
+        file_data, path = {}, None
+    data = {**file_data, **overrides, "config_file": path}
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        lines = [_describe(e, file_data, path) for e in exc.errors()]
+        head = "invalid setting" if len(lines) == 1 else f"{len(lines)} invalid settings"
+        raise SettingsError(f"{head}:\n  " + "\n  ".join(lines)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once on first use (never at import time)."""
+    return load_settings()

