@@ -277,6 +277,7 @@ def ensure_base_model(
     """
     domain = Domain(domain_config)
     config = config or BaseModelConfig()
+    models_dir = Path(models_dir).resolve()
     target = models_dir / f"base-{cache_key(domain, config)}"
     if target.exists() and not rebuild:
         info = json.loads((target / MANIFEST).read_text())

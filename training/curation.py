@@ -17,14 +17,12 @@ as duplicates. The contamination check looks at each user turn both before and a
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import html
 import json
 import os
 import re
-import sys
 import unicodedata
 import uuid
 from collections import Counter
@@ -932,52 +930,23 @@ Dataset hash <code>{html.escape(str(report.get("dataset_hash", "")))}</code>.</p
 
 
 # --------------------------------------------------------------------------------------------------
-# Command line
+# Test sets to keep out of training
 
 
-def _read_test_texts(path: Path) -> list[str]:
-    """Test texts from a .txt (one per line) or JSONL file (`question`, `prompt` or `text` field)."""
+def read_test_texts(paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+    """Test texts from .txt (one per line) or JSONL files: the last user turn of `messages`, else the
+    `question`, `prompt`, `text` or `input` field."""
     texts = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        if path.suffix == ".jsonl":
+    for path in map(Path, paths):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            if path.suffix != ".jsonl":
+                texts.append(line)
+                continue
             obj = json.loads(line)
-            texts.append(next(str(obj[k]) for k in ("question", "prompt", "text", "input") if k in obj))
-        else:
-            texts.append(line)
+            if "messages" in obj:
+                texts.append(next(m["content"] for m in reversed(obj["messages"]) if m["role"] == "user"))
+            else:
+                texts.append(next(str(obj[k]) for k in ("question", "prompt", "text", "input") if k in obj))
     return texts
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.curation", description=__doc__.splitlines()[0])
-    parser.add_argument("inputs", nargs="+", type=Path, help="Input JSONL / JSON files.")
-    parser.add_argument("--out", required=True, type=Path, help="Output folder.")
-    parser.add_argument("--tokenizer", type=Path, help="Local tokenizer folder (with a chat template).")
-    parser.add_argument("--test-texts", type=Path, help="Eval test texts: .txt (one per line) or .jsonl.")
-    for f in dataclasses.fields(CurationConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"]
-            )
-        elif isinstance(f.default, tuple):
-            parser.add_argument(flag, nargs="+", default=f.default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    args = parser.parse_args(argv)
-    config = CurationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(CurationConfig)})
-    tokenizer = None
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    tests = _read_test_texts(args.test_texts) if args.test_texts else []
-    report = curate(args.inputs, args.out, config, tokenizer=tokenizer, test_texts=tests)
-    json.dump(report.to_dict()["summary"], sys.stdout, indent=2)
-    print()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
