@@ -178,8 +178,8 @@ def _check_qlora() -> None:
 
     if not torch.cuda.is_available():
         raise TrainingError(
-            "QLoRA (`method: qlora`) needs a CUDA GPU for bitsandbytes' 4-bit kernels and this machine has none; "
-            "use `method: lora` here, or run on a GPU machine with `pip install -e .[gpu]`"
+            "QLoRA (`method: qlora`) needs a CUDA GPU for bitsandbytes' 4-bit kernels and this machine has "
+            "none; use `method: lora` here, or run on a GPU machine with `pip install -e .[gpu]`"
         )
     try:
         import bitsandbytes  # noqa: F401
