@@ -529,3 +529,18 @@ def test_forced_input_format(tmp_path):
     report = curate(path, tmp_path / "out", CurationConfig(input_format="prompt_completion"))
     assert [r.line for r in by_rule(report, "schema")] == [1]
     assert report.inputs[0]["format"] == "prompt_completion"
+
+
+def test_contamination_is_entity_aware_in_templated_domains(tmp_path, tokenizer):
+    tests = ["What is the unit rate of tariff T417?"]
+    path = write_jsonl(
+        tmp_path / "t.jsonl",
+        [
+            chat("What is the unit rate of tariff T896?", "0.231 EUR/kWh"),  # same template, other tariff: kept
+            chat("Hi! What is the unit rate of tariff T417?", "0.231 EUR/kWh"),  # the test question: rejected
+        ],
+    )
+    report = curate(path, tmp_path / "out", CurationConfig(), tokenizer=tokenizer, test_texts=tests)
+    assert [r.line for r in by_rule(report, "contamination")] == [2]
+    with pytest.raises(ValueError, match="`contamination_overlap`"):
+        CurationConfig(contamination_overlap=1.0)

@@ -86,7 +86,12 @@ class CurationConfig:
     )
     contamination_ngram: int = field(
         default=8,
-        metadata={"help": "A user turn sharing an n-gram of this many words with a test text is rejected."},
+        metadata={"help": "Words per n-gram of the contamination check (shorter test texts: their length)."},
+    )
+    contamination_overlap: float = field(
+        default=0.0,
+        metadata={"help": "Reject a user turn holding more than this share of a test text's n-grams "
+                          "(0: any shared n-gram) and all of its words that carry digits."},
     )
     scrub_pii: bool = field(
         default=True, metadata={"help": "Mask PII with typed placeholders such as `[EMAIL]`."}
@@ -132,6 +137,11 @@ class CurationConfig:
             raise ValueError(
                 f"`contamination_ngram` must be an integer >= 1, got {self.contamination_ngram!r}; "
                 "8 words is the usual setting (13 is stricter about what counts as overlap)."
+            )
+        if not 0 <= self.contamination_overlap < 1:
+            raise ValueError(
+                f"`contamination_overlap` must be in [0, 1), got {self.contamination_overlap!r}; 0 (the "
+                "default) rejects any shared n-gram, 0.5 more than half of a test text's n-grams."
             )
         self.pii_kinds = tuple(self.pii_kinds)
         unknown = sorted(set(self.pii_kinds) - set(PII_KINDS))
@@ -495,19 +505,34 @@ def _split_of(key: str, config: CurationConfig) -> str:
 
 
 class _Contamination:
-    """N-gram and exact-match index over eval test texts."""
+    """N-gram index over eval test texts.
 
-    def __init__(self, test_texts: Iterable[str], n: int) -> None:
-        self.n = n
+    A text is contaminated by a test text when it equals it (after normalising), or when it holds
+    more than `overlap` of the test text's word n-grams (n = min(`n`, the test text's length); the
+    default 0 means any shared n-gram) *and* every word of the test text that carries a digit (a
+    code, an amount, a date). Why the second condition: in a templated domain, "What is the unit
+    rate of tariff T417?" shares its template with the test question about tariff T896, and a
+    question about another tariff is not the test question.
+    """
+
+    def __init__(self, test_texts: Iterable[str], n: int, overlap: float) -> None:
+        self.n, self.overlap = n, overlap
         self.exact: dict[str, int] = {}
-        self.ngrams: dict[tuple[str, ...], int] = {}
+        self.grams_of: dict[int, set[tuple[str, ...]]] = {}
+        self.anchors_of: dict[int, set[str]] = {}
+        self.index: dict[tuple[str, ...], list[int]] = {}
         for idx, text in enumerate(test_texts):
             words = _words(str(text))
             if not words:
                 continue
             self.exact.setdefault(" ".join(words), idx)
-            for i in range(len(words) - n + 1):
-                self.ngrams.setdefault(tuple(words[i : i + n]), idx)
+            k = min(n, len(words))
+            grams = {tuple(words[i : i + k]) for i in range(len(words) - k + 1)}
+            self.grams_of[idx] = grams
+            self.anchors_of[idx] = {w for w in words if any(c.isdigit() for c in w)}
+            for gram in grams:
+                self.index.setdefault(gram, []).append(idx)
+        self.sizes = sorted({len(g) for g in self.index})
 
     def __bool__(self) -> bool:
         return bool(self.exact)
@@ -519,12 +544,16 @@ class _Contamination:
         hit = self.exact.get(" ".join(words))
         if hit is not None:
             return f"equals test text {hit} (after normalising case and punctuation)"
-        for i in range(len(words) - self.n + 1):
-            gram = tuple(words[i : i + self.n])
-            hit = self.ngrams.get(gram)
-            if hit is not None:
-                shown = " ".join(gram)
-                return f"shares the {self.n}-gram {shown[:120]!r} with test text {hit}"
+        present = set(words)
+        shared: dict[int, list[tuple[str, ...]]] = {}
+        for k in self.sizes:
+            for gram in {tuple(words[i : i + k]) for i in range(len(words) - k + 1)}:
+                for idx in self.index.get(gram, ()):
+                    shared.setdefault(idx, []).append(gram)
+        for idx, grams in sorted(shared.items()):
+            if len(grams) / len(self.grams_of[idx]) > self.overlap and self.anchors_of[idx] <= present:
+                shown = " ".join(min(grams))
+                return f"shares the {len(grams[0])}-gram {shown[:120]!r} with test text {idx}"
         return None
 
 
@@ -769,7 +798,7 @@ def curate(
         steps.append(StepCount("near_dedup", len(examples), len(examples), "disabled (`near_dedup=False`)"))
 
     # 5. Contamination.
-    index = _Contamination(test_texts, config.contamination_ngram)
+    index = _Contamination(test_texts, config.contamination_ngram, config.contamination_overlap)
 
     def contamination(ex: _Example) -> None:
         scrubbed = [m["content"] for m in ex.messages if m["role"] == "user"]
