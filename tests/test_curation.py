@@ -536,7 +536,9 @@ def test_contamination_is_entity_aware_in_templated_domains(tmp_path, tokenizer)
     path = write_jsonl(
         tmp_path / "t.jsonl",
         [
-            chat("What is the unit rate of tariff T896?", "0.231 EUR/kWh"),  # same template, other tariff: kept
+            chat(
+                "What is the unit rate of tariff T896?", "0.231 EUR/kWh"
+            ),  # same template, other tariff: kept
             chat("Hi! What is the unit rate of tariff T417?", "0.231 EUR/kWh"),  # the test question: rejected
         ],
     )

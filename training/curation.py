@@ -90,8 +90,10 @@ class CurationConfig:
     )
     contamination_overlap: float = field(
         default=0.0,
-        metadata={"help": "Reject a user turn holding more than this share of a test text's n-grams "
-                          "(0: any shared n-gram) and all of its words that carry digits."},
+        metadata={
+            "help": "Reject a user turn holding more than this share of a test text's n-grams "
+            "(0: any shared n-gram) and all of its words that carry digits."
+        },
     )
     scrub_pii: bool = field(
         default=True, metadata={"help": "Mask PII with typed placeholders such as `[EMAIL]`."}

@@ -13,10 +13,12 @@ Imports torch, transformers, peft, trl, datasets and `training` / `tunegate` mod
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -249,7 +251,9 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = get_peft_model(load_base(base_path, config.method), peft_config(config))
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})", flush=True)
+    print(
+        f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})", file=sys.stderr, flush=True
+    )
 
     train_ds = Dataset.from_list(read_chat_rows(config.train_file))
     eval_ds = Dataset.from_list(read_chat_rows(config.validation_file)) if config.validation_file else None
@@ -294,8 +298,10 @@ def train_adapter(
     )  # fmt: skip
     last = get_last_checkpoint(str(checkpoints)) if any(checkpoints.iterdir()) else None
     if last:
-        print(f"resuming from {last}", flush=True)
-    output = trainer.train(resume_from_checkpoint=last)
+        print(f"resuming from {last}", file=sys.stderr, flush=True)
+    # The trainer prints its logs on stdout; stdout is for results (`--json`), so they go to stderr.
+    with contextlib.redirect_stdout(sys.stderr):
+        output = trainer.train(resume_from_checkpoint=last)
     metrics = {"train_loss": float(output.training_loss), "steps": float(trainer.state.global_step)}
     if use_eval:
         metrics["eval_loss"] = float(trainer.evaluate()["eval_loss"])

@@ -272,6 +272,30 @@ def adapters_show(name: str, version: str = "latest", config: ConfigOption = Non
     typer.echo(json.dumps(manifest.to_dict(), indent=2))
 
 
+@bench_app.command("training")
+def bench_training(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the data sets, JSON and plot.")] = Path(
+        "bench/out/training"
+    ),
+    steps: Annotated[
+        int, typer.Option(help="Optimizer steps per adapter (the shared compute budget).")
+    ] = 300,
+) -> None:
+    """Quality over quantity, parameter efficiency and learning the drift, measured (about 4 minutes)."""
+    from bench.training_claims import run
+
+    settings = settings_or_exit(config)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(out, settings.var_dir, settings.models_dir, max_steps=steps)
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print_json(json.dumps(result))
+        Console().print(f"plot: {out / 'training_claims.png'}")
+
+
 @app.command()
 def demo(config: ConfigOption = None) -> None:
     """Run the loop as far as it is built, on the embedded default, and say what was done."""
