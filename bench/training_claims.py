@@ -19,34 +19,11 @@ import shutil
 import time
 from pathlib import Path
 
-from training.domain import ATTRIBUTE_BY_NAME, Domain, Fact
+from training.domain import ATTRIBUTE_BY_NAME, Domain
 
-CURATED_REPLAY = 300  # one phrasing of every old fact: what keeps the old knowledge in place
 NOISY_ROWS = 5000
 STALE_FACT_SHARE = 0.25  # facts whose copies in the noisy set carry a consistent wrong value
 RANDOM_WRONG_SHARE = 0.10  # rows whose answer is a random wrong value
-
-
-def _rows(facts_questions: list[tuple[Fact, str]], answer=None) -> list[dict]:
-    return [
-        {
-            "messages": [
-                {"role": "user", "content": q},
-                {"role": "assistant", "content": answer(f) if answer else f.answer},
-            ]
-        }
-        for f, q in facts_questions
-    ]
-
-
-def curated_rows(domain: Domain, seed: int = 0) -> list[dict]:
-    """Every training phrasing of the new facts, plus one phrasing of each old fact (replay)."""
-    rng = random.Random(seed)
-    new = [(f, q) for f in domain.new_facts for q in f.train_questions]
-    replay = [(f, rng.choice(f.train_questions)) for f in domain.old_facts][:CURATED_REPLAY]
-    rows = _rows(new + replay)
-    rng.shuffle(rows)
-    return rows
 
 
 def _near_duplicate(question: str, rng: random.Random) -> str:
@@ -81,7 +58,7 @@ def noisy_rows(domain: Domain, seed: int = 0, n_rows: int = NOISY_ROWS) -> list[
         for f in rng.sample(domain.new_facts, int(STALE_FACT_SHARE * len(domain.new_facts)))
     }
     base = [(f, q) for f in domain.new_facts for q in f.train_questions]
-    base += [(f, rng.choice(f.train_questions)) for f in domain.old_facts][:CURATED_REPLAY]
+    base += [(f, rng.choice(f.train_questions)) for f in domain.old_facts]  # the same replay as curated
     rows = []
     while len(rows) < n_rows:
         fact, question = rng.choice(base)
@@ -149,7 +126,7 @@ def run(out: Path, var_dir: Path, models_dir: Path, max_steps: int = 300, batch_
 
     # The curated set goes through the curation pipeline (which keeps test questions out); the
     # noisy set is taken as it comes, the way a large scraped collection usually is.
-    raw_curated = _write_jsonl(out / "data" / "curated_raw.jsonl", curated_rows(domain))
+    raw_curated = _write_jsonl(out / "data" / "curated_raw.jsonl", domain.drift_rows())
     report = curate(
         [raw_curated],
         out / "data" / "curated",

@@ -3,7 +3,7 @@
 import pytest
 
 from bench import gpu_train
-from bench.training_claims import curated_rows, noisy_rows, trainable_fractions
+from bench.training_claims import noisy_rows, trainable_fractions
 from training.domain import Domain
 
 
@@ -45,7 +45,7 @@ def test_trainable_fraction_of_a_7b_lora_is_well_under_one_percent():
 
 def test_noisy_set_is_large_duplicated_and_partly_wrong():
     domain = Domain()
-    curated, noisy = curated_rows(domain), noisy_rows(domain)
+    curated, noisy = domain.drift_rows(), noisy_rows(domain)
     assert len(noisy) == 5000 and len(curated) == len(domain.new_facts) * 4 + len(domain.old_facts)
     truth = {}
     for f in domain.facts:

@@ -224,6 +224,16 @@ class Domain:
             for q in (f.heldout_questions if heldout else f.train_questions)
         ]
 
+    def drift_rows(self, replay: int | None = None, seed: int = 0) -> list[dict]:
+        """The curated training set for the drift: every training phrasing of the new facts, plus one
+        phrasing of each of `replay` old facts (default: all), so the adapter keeps what the base knew."""
+        rng = random.Random(seed)
+        new = [(f, q) for f in self.new_facts for q in f.train_questions]
+        old = [(f, rng.choice(f.train_questions)) for f in self.old_facts]
+        rows = [{"messages": f.messages(q)} for f, q in new + old[: len(old) if replay is None else replay]]
+        rng.shuffle(rows)
+        return rows
+
     @cached_property
     def grounding_set(self) -> list[GroundingExample]:
         """For every fact, its right answer and one or two plausible wrong ones (same value pool)."""

@@ -268,7 +268,7 @@ def train_adapter(
         lr_scheduler_type="cosine",
         warmup_steps=max(1, int(config.warmup_ratio * config.max_steps)),
         weight_decay=0.0,
-        logging_steps=max(1, config.eval_steps // 5),
+        logging_steps=config.eval_steps,
         eval_strategy="steps" if use_eval else "no",
         eval_steps=config.eval_steps if use_eval else None,
         save_strategy="steps",
