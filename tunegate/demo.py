@@ -147,6 +147,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
     console.rule("done")
     console.print(
         f"report: {out / 'report.json'}, plot: {out / 'knowledge.png'}. Not yet built (later issues): "
-        "the gateway with guardrails and human review, and the eval suite that decides when to retrain and promote."
+        "the gateway with guardrails and human review, and the eval suite that decides when to retrain "
+        "and promote."
     )
     return report
