@@ -138,9 +138,7 @@ def run_one(shape, quant, batch, ckpt, impl, seq, steps, warmup, device) -> dict
         torch.cuda.reset_peak_memory_stats()
     model = build(shape, quant, device, dtype, impl)
     if ckpt:
-        model.get_base_model().gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -213,9 +211,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         batch = int(b.removeprefix("b"))
         for impl in impls:
-            r = run_one(
-                args.shape, quant, batch, ck == "ckpt", impl, args.seq, args.steps, args.warmup, device
-            )
+            r = run_one(args.shape, quant, batch, ck == "ckpt", impl, args.seq, args.steps, args.warmup, device)
             results["runs"].setdefault(setting, {})[impl] = r
             print(json.dumps({setting: r}), flush=True)
         ref = REFERENCE.get(setting)

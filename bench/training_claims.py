@@ -70,9 +70,7 @@ def noisy_rows(domain: Domain, seed: int = 0, n_rows: int = NOISY_ROWS) -> list[
             answer = rng.choice([v for v in ATTRIBUTE_BY_NAME[fact.attribute].values if v != fact.answer])
         else:
             answer = fact.answer
-        rows.append(
-            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-        )
+        rows.append({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]})
     return rows
 
 
@@ -92,9 +90,7 @@ def trainable_fractions() -> dict[str, float]:
         "all_linear": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     }.items():
         with torch.device("meta"):
-            model = get_peft_model(
-                LlamaForCausalLM(shape), LoraConfig(r=16, lora_alpha=32, target_modules=targets)
-            )
+            model = get_peft_model(LlamaForCausalLM(shape), LoraConfig(r=16, lora_alpha=32, target_modules=targets))
         trainable, total = model.get_nb_trainable_parameters()
         out[f"trainable_fraction_7b_r16_{label}"] = trainable / total
         out[f"trainable_params_7b_r16_{label}"] = trainable
@@ -144,9 +140,7 @@ def run(out: Path, var_dir: Path, models_dir: Path, max_steps: int = 300, batch_
             run_dir=var_dir / "bench" / "curated",
             **budget,
         ),
-        "noisy": TrainConfig(
-            name="bench-noisy", train_file=noisy, run_dir=var_dir / "bench" / "noisy", **budget
-        ),
+        "noisy": TrainConfig(name="bench-noisy", train_file=noisy, run_dir=var_dir / "bench" / "noisy", **budget),
     }
     adapters, train_seconds = {}, {}
     for label, config in runs.items():
@@ -233,9 +227,7 @@ def plot(result: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--out", type=Path, default=Path("bench/out/training"), help="Where data and plots go."
-    )
+    parser.add_argument("--out", type=Path, default=Path("bench/out/training"), help="Where data and plots go.")
     parser.add_argument("--var-dir", type=Path, default=Path("var"), help="tunegate's var folder.")
     parser.add_argument("--steps", type=int, default=300, help="Optimizer steps for each adapter.")
     args = parser.parse_args(argv)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from guardrails.pii import PII_KINDS, iban_ok, luhn_ok, scrub
 from training.curation import RULES, CurationConfig, curate, dataset_hash
-from training.pii import PII_KINDS, iban_ok, luhn_ok, scrub
 
 TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
 RAISING_TEMPLATE = (

@@ -3,7 +3,7 @@
 Owns `CurationConfig`, `curate()` (read → validate → scrub PII → chat template → length → exact and
 near duplicates → contamination against eval test sets → deterministic train/validation split), the
 report it writes (`report.json`, `report.html`) and `dataset_hash()`. May import `tunegate` and
-`guardrails`, never `gateway`; today it needs nothing of ours beyond `training.pii`.
+`guardrails`, never `gateway`; it uses `guardrails.pii` for scrubbing.
 
 Input files are read in the order given; each is auto-detected as OpenAI chat JSONL
 (`{"messages": [...]}`), prompt/completion JSONL (`{"prompt": ..., "completion": ...}`) or an
@@ -33,7 +33,7 @@ from typing import Any
 
 from datasketch import MinHash, MinHashLSH
 
-from training.pii import PII_KINDS, scrub
+from guardrails.pii import PII_KINDS, scrub
 
 #: Rejection rules, in pipeline order.
 RULES: tuple[str, ...] = (

@@ -27,7 +27,7 @@ def resolve_base(settings: Settings, config: TrainConfig) -> Path:
 def open_registry(settings: Settings, base_path: Path | None = None) -> AdapterRegistry:
     """The registry; with `base_path`, it refuses adapters trained on any other base model."""
     return AdapterRegistry(
-        settings.var_dir / "adapters",
+        settings.adapters_dir,
         max_lora_rank=settings.vllm.max_lora_rank,
         base_model_hash=model_hash(base_path) if base_path else None,
     )

@@ -25,10 +25,12 @@ domain_app = typer.Typer(no_args_is_help=True, help="The embedded domain (genera
 data_app = typer.Typer(no_args_is_help=True, help="Training data: validate, dedup, scrub, split.")
 adapters_app = typer.Typer(no_args_is_help=True, help="The adapter registry.")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and write plots.")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys (only their hashes are stored).")
 app.add_typer(db_app, name="db")
 app.add_typer(data_app, name="data")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(bench_app, name="bench")
+app.add_typer(keys_app, name="keys")
 app.add_typer(settings_app, name="settings")
 app.add_typer(domain_app, name="domain")
 
@@ -153,9 +155,7 @@ def bootstrap(
 
 @data_app.command("curate")
 def data_curate(
-    inputs: Annotated[
-        list[Path], typer.Argument(help="Chat JSONL, prompt/completion JSONL or Alpaca JSON files.")
-    ],
+    inputs: Annotated[list[Path], typer.Argument(help="Chat JSONL, prompt/completion JSONL or Alpaca JSON files.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for train/validation JSONL and the report.")],
     config: ConfigOption = None,
     tokenizer: Annotated[
@@ -166,9 +166,7 @@ def data_curate(
         list[Path] | None, typer.Option(help="JSONL test sets to keep out of training (contamination check).")
     ] = None,
     validation_fraction: float = 0.1,
-    max_tokens: Annotated[
-        int | None, typer.Option(help="Longest example in tokens; default: the context.")
-    ] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Longest example in tokens; default: the context.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Curate training data: schema, template, length, dedup, PII, contamination, split; write a report."""
@@ -208,9 +206,7 @@ def data_curate(
 
 @app.command()
 def train(
-    config_file: Annotated[
-        Path, typer.Option("--config", help="Training YAML (see training/sft.py `TrainConfig`).")
-    ],
+    config_file: Annotated[Path, typer.Option("--config", help="Training YAML (see training/sft.py `TrainConfig`).")],
     settings_file: Annotated[Path | None, typer.Option("--settings", help="tunegate settings file.")] = None,
     json_out: JsonOption = False,
 ) -> None:
@@ -276,12 +272,8 @@ def adapters_show(name: str, version: str = "latest", config: ConfigOption = Non
 def bench_training(
     config: ConfigOption = None,
     json_out: JsonOption = False,
-    out: Annotated[Path, typer.Option(help="Folder for the data sets, JSON and plot.")] = Path(
-        "bench/out/training"
-    ),
-    steps: Annotated[
-        int, typer.Option(help="Optimizer steps per adapter (the shared compute budget).")
-    ] = 300,
+    out: Annotated[Path, typer.Option(help="Folder for the data sets, JSON and plot.")] = Path("bench/out/training"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps per adapter (the shared compute budget).")] = 300,
 ) -> None:
     """Quality over quantity, parameter efficiency and learning the drift, measured (about 4 minutes)."""
     from bench.training_claims import run
@@ -294,6 +286,138 @@ def bench_training(
     else:
         Console().print_json(json.dumps(result))
         Console().print(f"plot: {out / 'training_claims.png'}")
+
+
+@bench_app.command("lora")
+def bench_lora(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/lora"),
+    requests: Annotated[int, typer.Option(help="Requests per setting.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request (ignore_eos).")] = 32,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds the requests are split into.")] = 2,
+) -> None:
+    """Serving throughput with 1, 4 and 8 LoRA adapters in one batch, against the base model."""
+    from bench.lora_throughput import run
+
+    settings = settings_or_exit(config)
+    if min(requests, concurrency, max_tokens, rounds) < 1:
+        raise fail("--requests, --concurrency, --max-tokens and --rounds must be at least 1")
+    result = run(
+        out,
+        settings.var_dir,
+        settings.models_dir,
+        settings.vllm,
+        requests=requests,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        rounds=rounds,
+    )
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print_json(json.dumps(result))
+        Console().print(f"plot: {out / 'lora_throughput.png'}")
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    vllm_url: Annotated[str | None, typer.Option(help="Use this running vLLM instead of starting one.")] = None,
+    host: Annotated[str | None, typer.Option(help="Address to bind (default: `gateway.host`).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default: `gateway.port`).")] = None,
+    workers: Annotated[int | None, typer.Option(help="uvicorn worker processes (default: `gateway.workers`).")] = None,
+    background: Annotated[
+        bool, typer.Option("--workers-loop/--no-workers", help="Run the loop's background work (retention).")
+    ] = True,
+) -> None:
+    """Start vLLM and the gateway; stop both cleanly on SIGTERM or Ctrl-C."""
+    from tunegate.serve import serve as run_serve
+
+    settings = settings_or_exit(config)
+    gw = settings.gateway
+    run_serve(settings, vllm_url, host or gw.host, port or gw.port, workers or gw.workers, background, config, console)
+
+
+def _with_session(settings: Settings):
+    from tunegate.db import make_engine, session_factory, session_scope, upgrade
+
+    upgrade(settings.database_url)
+    return session_scope(session_factory(make_engine(settings.database_url)))
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str,
+    role: Annotated[str, typer.Option(help="app, reviewer or admin.")] = "app",
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute (default: the gateway's).")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute (default: the gateway's).")] = None,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Mint an API key; it is printed once and only its hash is stored."""
+    from tunegate.keys import create_key
+
+    settings = settings_or_exit(config)
+    try:
+        with _with_session(settings) as session:
+            key, row = create_key(session, name, role, rpm, tpm)
+            info = {"key": key, "name": row.name, "role": row.role, "prefix": row.key_prefix}
+    except ValueError as err:
+        raise fail(str(err)) from None
+    if json_out:
+        typer.echo(json.dumps(info))
+    else:
+        console.print(f"created {info['role']} key [bold]{name}[/]; store it now, it is not shown again:")
+        typer.echo(key)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """List keys (name, prefix, role, limits, state); never the keys themselves."""
+    from tunegate.keys import list_keys
+
+    with _with_session(settings_or_exit(config)) as session:
+        rows = [
+            {
+                "name": k.name,
+                "prefix": k.key_prefix,
+                "role": k.role,
+                "rpm": k.requests_per_minute,
+                "tpm": k.tokens_per_minute,
+                "created_at": k.created_at.isoformat(),
+                "revoked_at": k.revoked_at.isoformat() if k.revoked_at else None,
+            }
+            for k in list_keys(session)
+        ]
+    if json_out:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table("name", "prefix", "role", "rpm", "tpm", "created", "state")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["prefix"],
+            r["role"],
+            str(r["rpm"] or "-"),
+            str(r["tpm"] or "-"),
+            r["created_at"],
+            "[red]revoked[/]" if r["revoked_at"] else "active",
+        )
+    Console().print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name_or_prefix: str, config: ConfigOption = None) -> None:
+    """Revoke the keys with this name or prefix (takes effect within `gateway.key_cache_s`)."""
+    from tunegate.keys import revoke
+
+    with _with_session(settings_or_exit(config)) as session:
+        count = revoke(session, name_or_prefix)
+    if not count:
+        raise fail(f"no active key named or prefixed `{name_or_prefix}`", code=1)
+    console.print(f"revoked {count} key(s)")
 
 
 @app.command()

@@ -70,6 +70,54 @@ class BaseModelSettings(_Section):
     served_name: str = Field("base", description="Name of the base model in `/v1/models`.")
 
 
+class RouteTarget(_Section):
+    adapter: str | None = Field(None, description="Registry name of the adapter; empty means the base model.")
+    version: str = Field("latest", description="`v3`, or `latest` (the newest servable version).")
+    weight: float = Field(1.0, ge=0, description="Share of traffic, relative to the route's other targets.")
+
+    @field_validator("version")
+    @classmethod
+    def _version_shape(cls, version: str) -> str:
+        if version != "latest" and not (version.startswith("v") and version[1:].isdigit()):
+            raise ValueError("use `latest` or a registry version such as `v3`")
+        return version
+
+
+class RouteSettings(_Section):
+    """A public model name (an alias) and the adapter versions it splits traffic between."""
+
+    targets: list[RouteTarget] = Field(min_length=1, description="Where the alias sends traffic.")
+    description: str = Field("", description="Shown in `/v1/models`.")
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> RouteSettings:
+        if sum(t.weight for t in self.targets) <= 0:
+            raise ValueError("the weights of `targets` add up to 0; give at least one target a weight > 0")
+        return self
+
+
+class GatewaySettings(_Section):
+    host: str = Field("127.0.0.1", description="Address the gateway binds to.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the gateway.")
+    workers: int = Field(1, ge=1, description="uvicorn worker processes.")
+    connect_timeout_s: float = Field(3.0, gt=0, description="Time to connect to vLLM.")
+    upstream_timeout_s: float = Field(300.0, gt=0, description="Time for vLLM to answer (or to send the next byte).")
+    connect_retries: int = Field(2, ge=0, description="Retries when vLLM refuses the connection (never after a byte).")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive upstream failures that open the circuit.")
+    breaker_reset_s: float = Field(5.0, gt=0, description="How long an open circuit fails fast before a probe.")
+    requests_per_minute: int | None = Field(600, ge=1, description="Default per-key request limit (per replica).")
+    tokens_per_minute: int | None = Field(200_000, ge=1, description="Default per-key token limit (per replica).")
+    log_batch_size: int = Field(200, ge=1, description="Traffic-log rows written per database round trip.")
+    log_flush_interval_s: float = Field(0.2, gt=0, description="Longest a traffic-log row waits to be written.")
+    store_text: bool = Field(True, description="Store prompts and answers in the traffic log.")
+    mask_pii: bool = Field(False, description="Mask e-mails, phone and card numbers, ids in stored text.")
+    retention_days: int | None = Field(None, ge=1, description="Delete traffic-log rows older than this.")
+    max_loaded_adapters: int = Field(8, ge=1, description="Adapters kept loaded in vLLM (least recently used go).")
+    background_tasks: bool = Field(True, description="Run the loop's background work (retention, jobs).")
+    metrics_public: bool = Field(True, description="Serve `/metrics` without a key (for Prometheus).")
+    key_cache_s: float = Field(5.0, ge=0, description="How long a key lookup is cached (revocation delay).")
+
+
 class Settings(BaseSettings):
     """Everything a tunegate process can be told. Sections mirror the packages that read them."""
 
@@ -86,6 +134,10 @@ class Settings(BaseSettings):
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     base_model: BaseModelSettings = Field(default_factory=BaseModelSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    routes: dict[str, RouteSettings] = Field(
+        default_factory=dict, description="Public model names (aliases) and their adapter targets."
+    )
 
     config_file: Path | None = Field(None, exclude=True, description="The YAML file these came from.")
 
@@ -105,6 +157,17 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.var_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        """The adapter registry: `<adapters_dir>/<name>/<version>/`."""
+        return self.var_dir / "adapters"
+
+    @model_validator(mode="after")
+    def _routes_do_not_shadow_the_base(self) -> Settings:
+        if self.base_model.served_name in self.routes:
+            raise ValueError(f"`routes.{self.base_model.served_name}` has the base model's name; rename the route")
+        return self
 
     @classmethod
     def settings_customise_sources(

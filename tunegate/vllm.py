@@ -116,9 +116,7 @@ class VllmServer:
         deadline = time.monotonic() + (timeout_s or self.settings.startup_timeout_s)
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
-                raise VllmError(
-                    f"vLLM exited with code {self.proc.returncode} while starting; {self._log_hint()}"
-                )
+                raise VllmError(f"vLLM exited with code {self.proc.returncode} while starting; {self._log_hint()}")
             try:
                 if httpx.get(f"{self.url}/v1/models", timeout=2).status_code == 200:
                     return
@@ -127,8 +125,7 @@ class VllmServer:
             time.sleep(0.5)
         self.stop()
         raise VllmError(
-            f"vLLM was not ready within {timeout_s or self.settings.startup_timeout_s:.0f} s; "
-            f"{self._log_hint()}"
+            f"vLLM was not ready within {timeout_s or self.settings.startup_timeout_s:.0f} s; {self._log_hint()}"
         )
 
     def _log_hint(self) -> str:
@@ -208,9 +205,7 @@ def chat_greedy(
 
 def load_adapter(url: str, name: str, path: Path) -> None:
     """Load a LoRA adapter into a running server under `name` (runtime loading must be enabled)."""
-    resp = httpx.post(
-        f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120
-    )
+    resp = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120)
     if resp.status_code != 200 and "already been loaded" not in resp.text:
         raise VllmError(f"loading adapter `{name}` failed ({resp.status_code}): {resp.text[:300]}")
 

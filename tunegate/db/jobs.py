@@ -45,9 +45,7 @@ def enqueue(
 
 def _claimable(now: datetime, kinds: Iterable[str] | None) -> sa.ColumnElement[bool]:
     due = sa.and_(Job.status == JobStatus.QUEUED, sa.or_(Job.run_after.is_(None), Job.run_after <= now))
-    abandoned = sa.and_(
-        Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempts < Job.max_attempts
-    )
+    abandoned = sa.and_(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now, Job.attempts < Job.max_attempts)
     condition = sa.or_(due, abandoned)
     if kinds is not None:
         condition = sa.and_(condition, Job.kind.in_(list(kinds)))
@@ -77,9 +75,7 @@ def _fail_abandoned_on_last_attempt(session: Session, now: datetime) -> None:
     )
 
 
-def claim(
-    session: Session, worker: str, kinds: Iterable[str] | None = None, lease_s: float = 300
-) -> Job | None:
+def claim(session: Session, worker: str, kinds: Iterable[str] | None = None, lease_s: float = 300) -> Job | None:
     """Take the most urgent due job (of `kinds`, if given) for `worker`, or None when there is none.
 
     Commit right after: until then other workers skip (PostgreSQL) or wait for (SQLite) the row.
@@ -93,11 +89,7 @@ def claim(
     if session.get_bind().dialect.name == "postgresql":
         # Rows another worker has locked are skipped rather than waited for: N workers claim N jobs.
         job = session.scalars(
-            sa.select(Job)
-            .where(claimable)
-            .order_by(*most_urgent_first)
-            .limit(1)
-            .with_for_update(skip_locked=True)
+            sa.select(Job).where(claimable).order_by(*most_urgent_first).limit(1).with_for_update(skip_locked=True)
         ).first()
         if job is None:
             return None

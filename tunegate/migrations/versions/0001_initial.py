@@ -165,9 +165,7 @@ def upgrade() -> None:
         sa.Column("created_at", timestamp(), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_review_decisions")),
         foreign_key("review_decisions", "review_item_id", "review_items"),
-        sa.UniqueConstraint(
-            "review_item_id", "reviewer", name=op.f("uq_review_decisions_review_item_id_reviewer")
-        ),
+        sa.UniqueConstraint("review_item_id", "reviewer", name=op.f("uq_review_decisions_review_item_id_reviewer")),
         one_of("review_decisions", "verdict", ["approve", "reject", "edit"]),
     )
     op.create_table(

@@ -1,4 +1,4 @@
-"""PII scrubbing for training data: find personal data in text and replace it with typed placeholders.
+"""PII scrubbing: find personal data in text and replace it with typed placeholders (training data, traffic logs).
 
 Owns the detectors for e-mail addresses, phone numbers, payment card numbers (Luhn-checked), US social
 security numbers, UK National Insurance numbers and IBANs, and `scrub()`, which masks them and counts

@@ -1,0 +1,125 @@
+"""The gateway application: `create_app()` builds the FastAPI app; its lifespan builds the services
+(vLLM client, router, adapter manager, limits, traffic log, metrics) and tears them down, writing
+every queued traffic-log row before the process exits.
+
+uvicorn runs it as a factory (`gateway.app:create_app`), so nothing is built at import time and
+each worker process reads its settings (`TUNEGATE_*`, `tunegate.yaml`) when it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from gateway.deps import MetricsAccess, Services, Svc
+from gateway.errors import install_error_handlers
+from gateway.limits import RateLimiter
+from gateway.metrics import Metrics
+from gateway.openai.router import router as openai_router
+from gateway.routing import AdapterManager, Router
+from gateway.traffic import TrafficLog, purge_expired
+from gateway.upstream import Upstream
+from tunegate.db import ReviewItem, make_engine, session_factory
+from tunegate.settings import Settings, get_settings
+
+log = logging.getLogger("tunegate.gateway")
+RETENTION_EVERY_S = 3600
+
+
+def build_services(settings: Settings, transport=None) -> Services:
+    if not settings.vllm.url:
+        raise RuntimeError("`vllm.url` is not set: start the gateway with `tunegate serve`, which sets it")
+    sessions = session_factory(make_engine(settings.database_url))
+    metrics = Metrics()
+    upstream = Upstream(settings.vllm.url, settings.gateway, transport=transport)
+    return Services(
+        settings=settings,
+        sessions=sessions,
+        upstream=upstream,
+        router=Router(settings, sessions),
+        adapters=AdapterManager(upstream, settings.gateway.max_loaded_adapters, metrics),
+        limiter=RateLimiter(),
+        traffic=TrafficLog(sessions, settings.gateway, metrics),
+        metrics=metrics,
+        key_cache={},
+    )
+
+
+def _review_queue_depth(services: Services):
+    def depth() -> float:
+        try:
+            with services.sessions() as session:
+                return float(session.scalar(select(func.count()).where(ReviewItem.status == "pending")) or 0)
+        except Exception:  # a scrape must not fail because the database blinked
+            return float("nan")
+
+    return depth
+
+
+async def _retention_loop(services: Services, days: int) -> None:
+    while True:
+        try:
+            removed = await asyncio.to_thread(purge_expired, services.sessions, days)
+            if removed:
+                log.info("retention: deleted %d traffic-log rows older than %d days", removed, days)
+        except Exception:
+            log.exception("retention purge failed")
+        await asyncio.sleep(RETENTION_EVERY_S)
+
+
+def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        services = build_services(settings, transport)
+        services.metrics.watch_review_queue(_review_queue_depth(services))
+        services.traffic.start()
+        app.state.services = services
+        retention = None
+        if settings.gateway.retention_days and settings.gateway.background_tasks:
+            retention = asyncio.create_task(_retention_loop(services, settings.gateway.retention_days))
+        try:
+            yield
+        finally:
+            if retention:
+                retention.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await retention
+            await services.traffic.close()  # every recorded row is written before we exit
+            await services.upstream.aclose()
+
+    app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(openai_router)
+
+    @app.get("/healthz", tags=["health"], summary="The process is alive (no key)")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"], summary="vLLM and the database are reachable (no key)")
+    async def readyz(services: Svc) -> JSONResponse:
+        def db_ok() -> bool:
+            try:
+                with services.sessions() as session:
+                    session.execute(text("SELECT 1"))
+                return True
+            except Exception:
+                return False
+
+        checks = {"vllm": await services.upstream.ready(), "database": await asyncio.to_thread(db_ok)}
+        return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
+
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics (no key when `metrics_public`)")
+    async def metrics(services: Svc, _: MetricsAccess) -> Response:
+        services.metrics.circuit_open.set(1 if services.upstream.breaker.is_open else 0)
+        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,86 @@
+"""Errors the gateway raises, and the one place that turns them (and validation errors) into
+OpenAI-shaped responses: `{"error": {"message", "type", "param", "code"}}`. Routes never build
+error JSON themselves."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class GatewayError(Exception):
+    status_code = 500
+    type = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message, self.param, self.headers = message, param, headers or {}
+
+
+class InvalidRequest(GatewayError):
+    status_code, type, code = 400, "invalid_request_error", "invalid_request"
+
+
+class Unauthenticated(GatewayError):
+    status_code, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class Forbidden(GatewayError):
+    status_code, type, code = 403, "permission_error", "insufficient_role"
+
+
+class ModelNotFound(GatewayError):
+    status_code, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class RateLimited(GatewayError):
+    status_code, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(message, headers={"Retry-After": str(max(1, int(retry_after_s + 0.999)))})
+
+
+class UpstreamUnavailable(GatewayError):
+    status_code, type, code = 503, "service_unavailable", "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status_code, type, code = 504, "timeout", "upstream_timeout"
+
+
+class UpstreamError(GatewayError):
+    """vLLM answered with an error: its status and message pass through to the client."""
+
+    def __init__(self, status_code: int, message: str, type_: str = "invalid_request_error", param=None):
+        super().__init__(message, param)
+        self.status_code, self.type, self.code = status_code, type_, None
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(
+            error_body(exc.message, exc.type, exc.param, exc.code),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(loc) or None
+        message = f"`{param}`: {first['msg']}" if param else str(first["msg"])
+        return JSONResponse(error_body(message, "invalid_request_error", param, "invalid_request"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)

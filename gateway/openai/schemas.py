@@ -1,0 +1,84 @@
+"""The OpenAI protocol as the gateway accepts it: request models for chat and text completions.
+
+The fields the gateway reads or checks are typed and validated here (bad values are 400s in
+OpenAI's error shape); everything else a client sends (`top_p`, `response_format`, `tools`,
+vLLM's own extras) is kept on purpose (`extra="allow"`) and forwarded to vLLM unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class _GenerationParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=16)
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    user: str | None = Field(None, max_length=200)
+
+    @field_validator("stop")
+    @classmethod
+    def _at_most_four_stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return stop
+
+
+class ChatCompletionRequest(_GenerationParams):
+    messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def prompt_text(self) -> str:
+        """The conversation as one string, for the traffic log."""
+        parts = []
+        for m in self.messages:
+            content = m.content if isinstance(m.content, str) else "" if m.content is None else str(m.content)
+            parts.append(f"{m.role}: {content}")
+        return "\n".join(parts)
+
+
+class CompletionRequest(_GenerationParams):
+    prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool = False
+
+    def prompt_text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else "\n".join(self.prompt)
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tunegate"
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

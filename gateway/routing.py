@@ -1,0 +1,154 @@
+"""Routing: a public model name (an alias from the settings' `routes`, or the base model's name)
+to the adapter version that answers, and keeping that adapter loaded in vLLM.
+
+An alias splits traffic between its targets by weight, sticky per end user: the same user (the
+request's `user` field, the `X-TuneGate-User` header, or else the API key) always lands on the same
+version while the weights stay the same. `latest` resolves through the `adapters` table (newest
+servable version) and is cached for a few seconds, so a promotion reaches every replica quickly.
+Adapters are loaded into vLLM on first use through its runtime API and unloaded least recently used
+beyond `max_loaded_adapters`. Clients only ever see aliases: no path is in any response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
+from gateway.metrics import Metrics
+from gateway.upstream import Upstream
+from tunegate.db import Adapter
+from tunegate.settings import RouteTarget, Settings
+
+RESOLVE_TTL_S = 5.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one request goes: the model name vLLM knows, and what to log about it."""
+
+    route: str  # the alias the client named
+    served_name: str  # `base`, or `<adapter>-<version>` as loaded into vLLM
+    adapter_id: int | None
+    adapter_version: str  # `base` or `support/v3`, for metrics and logs
+    path: Path | None  # the registry folder (never shown to clients)
+
+
+def sticky_fraction(route: str, user: str) -> float:
+    """A stable number in [0, 1) for (route, user): the same user keeps the same canary arm."""
+    digest = hashlib.sha256(f"{route}\x00{user}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def pick_target(targets: list[RouteTarget], fraction: float) -> RouteTarget:
+    total = sum(t.weight for t in targets)
+    edge = 0.0
+    for target in targets:
+        edge += target.weight / total
+        if fraction < edge:
+            return target
+    return next(t for t in reversed(targets) if t.weight > 0)
+
+
+class Router:
+    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self._resolved: dict[tuple[str, str], tuple[float, tuple[int, int]]] = {}
+
+    def model_names(self) -> list[tuple[str, str]]:
+        base = self.settings.base_model.served_name
+        return [(base, "the base model")] + [(name, r.description) for name, r in self.settings.routes.items()]
+
+    async def _resolve_version(self, name: str, version: str) -> tuple[int, int]:
+        """(adapter id, version number) of `name`/`version` from the adapters table (cached)."""
+        key = (name, version)
+        cached = self._resolved.get(key)
+        if cached and time.monotonic() - cached[0] < RESOLVE_TTL_S:
+            return cached[1]
+        row = await asyncio.to_thread(self._query_version, name, version)
+        if row is None:
+            raise GatewayError(
+                f"route target `{name}` {version} is not a registered, servable adapter; "
+                "train and register it, or fix the route in the settings"
+            )
+        self._resolved[key] = (time.monotonic(), row)
+        return row
+
+    def _query_version(self, name: str, version: str) -> tuple[int, int] | None:
+        query = select(Adapter.id, Adapter.version).where(Adapter.name == name, Adapter.servable.is_(True))
+        if version == "latest":
+            query = query.order_by(Adapter.version.desc()).limit(1)
+        else:
+            query = query.where(Adapter.version == int(version.removeprefix("v")))
+        with self.sessions() as session:
+            row = session.execute(query).first()
+        return None if row is None else (row[0], row[1])
+
+    async def resolve(self, model: str, user: str) -> Target:
+        base = self.settings.base_model.served_name
+        if model == base:
+            return Target(model, base, None, "base", None)
+        route = self.settings.routes.get(model)
+        if route is None:
+            known = ", ".join(name for name, _ in self.model_names())
+            raise ModelNotFound(f"The model `{model}` does not exist; available: {known}", param="model")
+        target = pick_target(route.targets, sticky_fraction(model, user))
+        if target.adapter is None:
+            return Target(model, base, None, "base", None)
+        adapter_id, number = await self._resolve_version(target.adapter, target.version)
+        version = f"v{number}"
+        return Target(
+            model,
+            f"{target.adapter}-{version}",
+            adapter_id,
+            f"{target.adapter}/{version}",
+            self.settings.adapters_dir / target.adapter / version,
+        )
+
+
+class AdapterManager:
+    """Which adapters are loaded in vLLM, loading on demand and unloading least recently used."""
+
+    def __init__(self, upstream: Upstream, capacity: int, metrics: Metrics) -> None:
+        self.upstream, self.capacity, self.metrics = upstream, capacity, metrics
+        self.loaded: OrderedDict[str, Path] = OrderedDict()
+        self._lock = asyncio.Lock()
+
+    async def ensure(self, target: Target) -> None:
+        if target.path is None:
+            return
+        if target.served_name in self.loaded:
+            self.loaded.move_to_end(target.served_name)
+            return
+        async with self._lock:  # one load at a time; others wait for it instead of loading twice
+            if target.served_name in self.loaded:
+                return
+            while len(self.loaded) >= self.capacity:
+                old, _ = self.loaded.popitem(last=False)
+                await self._call("/v1/unload_lora_adapter", {"lora_name": old}, old, "unload")
+            await self._call(
+                "/v1/load_lora_adapter",
+                {"lora_name": target.served_name, "lora_path": str(target.path.resolve())},
+                target.served_name,
+                "load",
+            )
+            self.loaded[target.served_name] = target.path
+
+    def forget(self, target: Target) -> None:
+        """vLLM no longer has this adapter (another replica unloaded it, or vLLM restarted)."""
+        self.loaded.pop(target.served_name, None)
+
+    async def _call(self, path: str, body: dict, name: str, action: str) -> None:
+        resp = await self.upstream.client.post(path, json=body)
+        ok = resp.status_code == 200 or (action == "load" and "already been loaded" in resp.text)
+        self.metrics.adapter_operations.labels(adapter=name, operation=action, result="ok" if ok else "error").inc()
+        if not ok and action == "load":
+            raise UpstreamUnavailable(f"vLLM could not load adapter `{name}`: {resp.text[:300]}")

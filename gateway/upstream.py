@@ -1,0 +1,159 @@
+"""The gateway's connection to vLLM: timeouts, retries on refused connections only, a circuit breaker.
+
+A request is retried only when the connection itself failed (nothing reached vLLM, nothing was
+streamed back), so no generation is ever run twice. After `breaker_failures` consecutive failures
+the circuit opens: requests fail fast with a 503 for `breaker_reset_s`, then one probe is let
+through; its success closes the circuit. vLLM's own error answers (4xx) are not failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+
+from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from tunegate.settings import GatewaySettings
+
+CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+
+
+class CircuitBreaker:
+    def __init__(self, failures_to_open: int, reset_s: float) -> None:
+        self.failures_to_open, self.reset_s = failures_to_open, reset_s
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probe_in_flight = False
+
+    @property
+    def is_open(self) -> bool:
+        return self.opened_at is not None
+
+    def before_request(self) -> None:
+        if self.opened_at is None:
+            return
+        if time.monotonic() - self.opened_at < self.reset_s or self._probe_in_flight:
+            wait = max(0.0, self.reset_s - (time.monotonic() - self.opened_at))
+            raise UpstreamUnavailable(
+                f"vLLM is unavailable: {self.failures} requests in a row failed; the gateway is failing fast "
+                f"and will try again in {wait:.0f} s"
+            )
+        self._probe_in_flight = True  # half-open: this request is the probe
+
+    def success(self) -> None:
+        self.failures, self.opened_at, self._probe_in_flight = 0, None, False
+
+    def abandon(self) -> None:
+        """The request was cancelled before an outcome: let the next one probe."""
+        self._probe_in_flight = False
+
+    def failure(self) -> None:
+        self.failures += 1
+        self._probe_in_flight = False
+        if self.failures >= self.failures_to_open:
+            self.opened_at = time.monotonic()
+
+
+def _upstream_error(resp: httpx.Response, body: bytes) -> UpstreamError:
+    try:
+        err = json.loads(body).get("error", {})
+        if isinstance(err, dict):
+            return UpstreamError(
+                resp.status_code,
+                err.get("message", "vLLM error"),
+                err.get("type", "invalid_request_error"),
+                err.get("param"),
+            )
+        return UpstreamError(resp.status_code, str(err))
+    except (ValueError, AttributeError):
+        return UpstreamError(resp.status_code, body.decode(errors="replace")[:500] or "vLLM error")
+
+
+class Upstream:
+    """One vLLM OpenAI server, shared by every request of a gateway process."""
+
+    def __init__(self, base_url: str, settings: GatewaySettings, transport: httpx.AsyncBaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        self.settings = settings
+        self.breaker = CircuitBreaker(settings.breaker_failures, settings.breaker_reset_s)
+        self.client = httpx.AsyncClient(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(settings.upstream_timeout_s, connect=settings.connect_timeout_s),
+            limits=httpx.Limits(max_connections=2000, max_keepalive_connections=500),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    def _unavailable(self, err: Exception) -> UpstreamUnavailable:
+        return UpstreamUnavailable(f"vLLM at {self.base_url} is unavailable ({type(err).__name__}); try again shortly")
+
+    async def _send(self, method: str, path: str, body: dict | None, stream: bool) -> httpx.Response:
+        self.breaker.before_request()
+        request = self.client.build_request(method, path, json=body)
+        for attempt in range(self.settings.connect_retries + 1):
+            try:
+                resp = await self.client.send(request, stream=stream)
+            except asyncio.CancelledError:
+                self.breaker.abandon()
+                raise
+            except CONNECT_ERRORS as err:  # nothing reached vLLM: safe to retry
+                if attempt < self.settings.connect_retries:
+                    await asyncio.sleep(0.05 * 2**attempt)
+                    continue
+                self.breaker.failure()
+                raise self._unavailable(err) from err
+            except httpx.TimeoutException as err:
+                self.breaker.failure()
+                raise UpstreamTimeout(f"vLLM did not answer within {self.settings.upstream_timeout_s:.0f} s") from err
+            except httpx.TransportError as err:
+                self.breaker.failure()
+                raise self._unavailable(err) from err
+            if resp.status_code >= 500:
+                body_bytes = await resp.aread()
+                await resp.aclose()
+                self.breaker.failure()
+                raise _upstream_error(resp, body_bytes)
+            self.breaker.success()
+            return resp
+        raise AssertionError("unreachable")
+
+    async def post_json(self, path: str, body: dict) -> dict:
+        resp = await self._send("POST", path, body, stream=False)
+        if resp.status_code >= 400:
+            raise _upstream_error(resp, resp.content)
+        return resp.json()
+
+    async def get_json(self, path: str) -> dict:
+        resp = await self._send("GET", path, None, stream=False)
+        if resp.status_code >= 400:
+            raise _upstream_error(resp, resp.content)
+        return resp.json()
+
+    async def stream_lines(self, path: str, body: dict) -> AsyncIterator[str]:
+        """Server-sent-event lines from vLLM. Closing the iterator closes the connection, which makes
+        vLLM abort the generation (a client that disconnects cancels its upstream request)."""
+        resp = await self._send("POST", path, body, stream=True)
+        try:
+            if resp.status_code >= 400:
+                raise _upstream_error(resp, await resp.aread())
+            try:
+                async for line in resp.aiter_lines():
+                    yield line
+            except httpx.TimeoutException as err:
+                raise UpstreamTimeout("vLLM stopped sending in the middle of a stream") from err
+            except httpx.TransportError as err:
+                raise self._unavailable(err) from err
+        finally:
+            await resp.aclose()
+
+    async def ready(self) -> bool:
+        try:
+            resp = await self.client.get("/v1/models", timeout=2.0)
+            return resp.status_code == 200
+        except httpx.HTTPError:
+            return False

@@ -1,0 +1,71 @@
+"""`tunegate serve`: vLLM (unless one is given), then the gateway under uvicorn, until SIGTERM/Ctrl-C.
+
+Order matters: the database is migrated and vLLM is ready before the gateway accepts a request;
+on shutdown uvicorn stops accepting, finishes requests in flight and runs the gateway's lifespan
+exit (which writes every queued traffic-log row), and only then is vLLM stopped. The gateway is
+named by string (`gateway.app:create_app`): the spine never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rich.console import Console
+
+from tunegate.db import migrate
+from tunegate.settings import Settings
+from tunegate.vllm import VllmServer
+
+
+def serve(
+    settings: Settings,
+    vllm_url: str | None,
+    host: str,
+    port: int,
+    workers: int,
+    background: bool,
+    config_file: Path | None,
+    console: Console,
+) -> None:
+    import uvicorn
+
+    migrate.upgrade(settings.database_url)
+    server = None
+    vllm_url = vllm_url or settings.vllm.url
+    try:
+        if not vllm_url:
+            from training.bootstrap import base_model_path
+
+            log_path = settings.var_dir / "logs" / "vllm.log"
+            server = VllmServer(
+                base_model_path(settings, progress=True),
+                settings.base_model.served_name,
+                settings.vllm,
+                log_path=log_path,
+            )
+            console.print(f"starting vLLM on {server.url} (log: {log_path}) ...")
+            server.start()
+            server.wait_ready()
+            vllm_url = server.url
+        # Every uvicorn worker builds its own app from the environment: hand it what we decided.
+        os.environ["TUNEGATE_VLLM__URL"] = vllm_url
+        if config_file:
+            os.environ["TUNEGATE_CONFIG"] = str(config_file.resolve())
+        if not background:
+            os.environ["TUNEGATE_GATEWAY__BACKGROUND_TASKS"] = "false"
+        console.print(f"gateway on http://{host}:{port} -> vLLM {vllm_url}; Ctrl-C or SIGTERM stops both")
+        uvicorn.run(
+            "gateway.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=30,
+        )
+    finally:
+        if server is not None:
+            console.print("stopping vLLM")
+            server.stop()
