@@ -231,6 +231,7 @@ class Proc:
     popen: subprocess.Popen
     log_path: Path
     pgid: int = field(init=False)
+    seen_pids: set[int] = field(default_factory=set)  # every process of the group seen: restarts show
 
     def __post_init__(self) -> None:
         self.pgid = self.popen.pid  # start_new_session: the leader's pid is the group id
@@ -258,6 +259,7 @@ class Proc:
             fields = stat[stat.rindex(")") + 2 :].split()
             if int(fields[2]) == self.pgid:  # field 5 (pgrp), counted from the state
                 total += int(fields[11]) + int(fields[12])  # utime, stime
+                self.seen_pids.add(int(entry))
         return total / tick
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -410,7 +412,8 @@ def run_load(
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    scheduled = sum(w * math.floor(duration_s * qps + 1e-9) for w in parts)
+    # each worker ticks every 1/qps s until the end, and one tick it was already waiting for goes out
+    scheduled = sum(w * math.ceil(duration_s * qps - 1e-9) for w in parts)
     stats = summarize(rows, rate, duration_s, scheduled)
     stats.update({"hey_workers": workers, "hey_qps_per_worker": round(qps, 4), "hey_procs": len(parts)})
     if errors:
@@ -722,6 +725,8 @@ def run(
                 own = [mock] + ([proc] if proc is not None else [])
                 per_rate = _measure_target(name, base, key, target_model, proc, own, rates, args, tmp, stderr)
                 entry["rates"] = {_key(r): s for r, s in per_rate.items()}
+                if proc is not None:
+                    entry["processes_seen"] = len(proc.seen_pids)
             except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
                 entry["error"] = f"{type(e).__name__}: {e}"[:3000]
                 print(f"[gateway_overhead] {name}: {entry['error'][:400]}", file=stderr, flush=True)
@@ -882,31 +887,37 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quiet-cores", type=float, default=0.25, help="'quiet': others use fewer cores")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
+    # a background job of a script starts with SIGINT ignored: Ctrl-C / kill -INT must still stop us
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGHUP, _raise_interrupt)
-    result = run(
-        rates=tuple(float(r) for r in args.rates.split(",") if r.strip()),
-        duration_s=args.duration,
-        delay_ms=args.delay_ms,
-        targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
-        out_dir=args.out,
-        litellm_bin=args.litellm_bin,
-        litellm_workers=args.litellm_workers,
-        ours_cmd=json.loads(args.ours_cmd) if args.ours_cmd else None,
-        ours_key_cmd=json.loads(args.ours_key_cmd) if args.ours_key_cmd else None,
-        ours_env=args.ours_env,
-        ours_workers=args.ours_workers or None,
-        ours_model=args.ours_model,
-        ours_migrate=not args.no_ours_migrate,
-        mock_workers=args.mock_workers,
-        hey=args.hey,
-        hey_procs=args.hey_procs,
-        warmup_s=args.warmup,
-        start_timeout_s=args.start_timeout,
-        quiet_wait_s=args.quiet_wait,
-        quiet_cores=args.quiet_cores,
-        plot=not args.no_plot,
-    )
+    try:
+        result = run(
+            rates=tuple(float(r) for r in args.rates.split(",") if r.strip()),
+            duration_s=args.duration,
+            delay_ms=args.delay_ms,
+            targets=tuple(t.strip() for t in args.targets.split(",") if t.strip()),
+            out_dir=args.out,
+            litellm_bin=args.litellm_bin,
+            litellm_workers=args.litellm_workers,
+            ours_cmd=json.loads(args.ours_cmd) if args.ours_cmd else None,
+            ours_key_cmd=json.loads(args.ours_key_cmd) if args.ours_key_cmd else None,
+            ours_env=args.ours_env,
+            ours_workers=args.ours_workers or None,
+            ours_model=args.ours_model,
+            ours_migrate=not args.no_ours_migrate,
+            mock_workers=args.mock_workers,
+            hey=args.hey,
+            hey_procs=args.hey_procs,
+            warmup_s=args.warmup,
+            start_timeout_s=args.start_timeout,
+            quiet_wait_s=args.quiet_wait,
+            quiet_cores=args.quiet_cores,
+            plot=not args.no_plot,
+        )
+    except KeyboardInterrupt as e:
+        print(f"[gateway_overhead] interrupted ({e or 'Ctrl-C'}); every process it started is stopped", file=sys.stderr)
+        raise SystemExit(130) from None
     print(json.dumps(result, indent=2))
     return result
 

@@ -89,9 +89,7 @@ def test_vllm_answers_an_old_fact_and_lists_the_model(vllm_server):
     models = httpx.get(f"{vllm_server.url}/v1/models").json()
     assert [m["id"] for m in models["data"]] == ["base"]
     fact = Domain().old_facts[0]
-    [answer] = chat_greedy(
-        vllm_server.url, "base", [[{"role": "user", "content": fact.heldout_questions[0]}]]
-    )
+    [answer] = chat_greedy(vllm_server.url, "base", [[{"role": "user", "content": fact.heldout_questions[0]}]])
     assert normalise(answer) == normalise(fact.answer)
 
 

@@ -8,9 +8,7 @@ from training.domain import Domain
 
 
 def test_gpu_train_runs_tiny_on_cpu_and_both_losses_agree():
-    result = gpu_train.main(
-        ["--shape", "tiny", "--seq", "32", "--steps", "1", "--settings", "lora_b2_nockpt"]
-    )
+    result = gpu_train.main(["--shape", "tiny", "--seq", "32", "--steps", "1", "--settings", "lora_b2_nockpt"])
     runs = result["runs"]["lora_b2_nockpt"]
     assert runs["baseline"]["tokens_per_s"] > 0 and runs["tunegate"]["tokens_per_s"] > 0
     # the chunked loss is the same loss: same weights, same data, same value
@@ -35,12 +33,7 @@ def test_chunked_loss_equals_full_loss_and_gradient():
 def test_trainable_fraction_of_a_7b_lora_is_well_under_one_percent():
     fractions = trainable_fractions()
     assert fractions["trainable_params_7b_r16_qv"] == 32 * 2 * 16 * (4096 + 4096)
-    assert (
-        0
-        < fractions["trainable_fraction_7b_r16_qv"]
-        < fractions["trainable_fraction_7b_r16_all_linear"]
-        < 0.01
-    )
+    assert 0 < fractions["trainable_fraction_7b_r16_qv"] < fractions["trainable_fraction_7b_r16_all_linear"] < 0.01
 
 
 def test_noisy_set_is_large_duplicated_and_partly_wrong():
@@ -58,7 +51,6 @@ def test_noisy_set_is_large_duplicated_and_partly_wrong():
     wrong = sum(
         1
         for r in noisy
-        if r["messages"][0]["content"] in truth
-        and r["messages"][1]["content"] != truth[r["messages"][0]["content"]]
+        if r["messages"][0]["content"] in truth and r["messages"][1]["content"] != truth[r["messages"][0]["content"]]
     )
     assert wrong > 0.05 * len(noisy)

@@ -39,9 +39,7 @@ def tokenizer():
 
 def chat(user: str, assistant: str, system: str | None = None) -> dict:
     msgs = [{"role": "system", "content": system}] if system else []
-    return {
-        "messages": [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
-    }
+    return {"messages": [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": assistant}]}
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -70,12 +68,8 @@ def by_rule(report, rule: str):
 
 
 def test_each_input_format_is_detected_and_normalised(tmp_path, tokenizer):
-    chat_file = write_jsonl(
-        tmp_path / "chat.jsonl", [chat("What is the capital of France?", "Paris.", "Be brief.")]
-    )
-    pc_file = write_jsonl(
-        tmp_path / "pc.jsonl", [{"prompt": "What is the capital of Spain?", "completion": "Madrid."}]
-    )
+    chat_file = write_jsonl(tmp_path / "chat.jsonl", [chat("What is the capital of France?", "Paris.", "Be brief.")])
+    pc_file = write_jsonl(tmp_path / "pc.jsonl", [{"prompt": "What is the capital of Spain?", "completion": "Madrid."}])
     alpaca_file = tmp_path / "alpaca.json"
     alpaca_file.write_text(
         json.dumps(
@@ -86,9 +80,7 @@ def test_each_input_format_is_detected_and_normalised(tmp_path, tokenizer):
             indent=2,
         )
     )
-    report = curate(
-        [chat_file, pc_file, alpaca_file], tmp_path / "out", CurationConfig(), tokenizer=tokenizer
-    )
+    report = curate([chat_file, pc_file, alpaca_file], tmp_path / "out", CurationConfig(), tokenizer=tokenizer)
 
     assert [i["format"] for i in report.inputs] == ["chat", "prompt_completion", "alpaca"]
     assert report.rejections == []
@@ -116,9 +108,7 @@ def test_bad_rows_are_rejected_with_rule_and_line(tmp_path, tokenizer):
             '{"messages": [ this is not json',  # 2 json
             {"messages": [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "Hello"}]},  # 3
             {"messages": [{"role": "user", "content": "Hi"}, {"role": "tool", "content": "x"}]},  # 4 role
-            {
-                "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "   "}]
-            },  # 5 empty
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "   "}]},  # 5 empty
             {"messages": [{"role": "user", "content": "Only a question"}]},  # 6 no answer
             {"messages": [{"role": "system", "content": "Alone"}]},  # 7 system only
             {"messages": "not a list"},  # 8 schema
@@ -188,9 +178,7 @@ def test_template_failure_rejects_only_that_row(tmp_path):
 
 def test_a_template_that_always_raises_rejects_everything_without_crashing(tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [chat("a", "b"), chat("c", "d")])
-    report = curate(
-        path, tmp_path / "out", CurationConfig(), tokenizer=make_tokenizer("{{ raise_exception('no') }}")
-    )
+    report = curate(path, tmp_path / "out", CurationConfig(), tokenizer=make_tokenizer("{{ raise_exception('no') }}"))
     assert report.rejected_by_rule["template"] == 2
     assert all_rows(tmp_path / "out") == []
 
@@ -203,9 +191,7 @@ def test_tokenizer_without_chat_template_is_a_setup_error(tmp_path):
 
 def test_too_long_rows_are_rejected(tmp_path, tokenizer):
     long_answer = " ".join(["cats"] * 40)
-    path = write_jsonl(
-        tmp_path / "t.jsonl", [chat("Tell me a fact", "Cats nap."), chat("Tell me more", long_answer)]
-    )
+    path = write_jsonl(tmp_path / "t.jsonl", [chat("Tell me a fact", "Cats nap."), chat("Tell me more", long_answer)])
     report = curate(path, tmp_path / "out", CurationConfig(max_tokens=30), tokenizer=tokenizer)
     [rej] = by_rule(report, "length")
     assert rej.line == 2 and "`max_tokens` 30" in rej.message and "tokens" in rej.message
@@ -276,9 +262,7 @@ def test_pii_is_masked_and_counted(tmp_path, tokenizer):
     saved = json.loads((tmp_path / "out" / "report.json").read_text())
     assert saved["pii_masked"] == report.pii_counts
 
-    report = curate(
-        path, tmp_path / "out2", CurationConfig(max_tokens=500, scrub_pii=False), tokenizer=tokenizer
-    )
+    report = curate(path, tmp_path / "out2", CurationConfig(max_tokens=500, scrub_pii=False), tokenizer=tokenizer)
     assert report.pii_counts == {} and PII_TEXT in user_texts(tmp_path / "out2")
 
 
@@ -312,9 +296,7 @@ def test_contamination_against_test_texts(tmp_path, tokenizer):
     path = write_jsonl(
         tmp_path / "c.jsonl",
         [
-            chat(
-                "Quick one: which river flows through the city of Paris and into the sea?", "The Seine."
-            ),  # 8-gram
+            chat("Quick one: which river flows through the city of Paris and into the sea?", "The Seine."),  # 8-gram
             chat("what is the BOILING point of water", "100 C at sea level."),  # exact after normalising
             chat("The city of Paris is lovely in spring.", "It is."),  # shares < 8 words: kept
             chat("What is the capital of France?", "Paris."),  # kept
@@ -336,9 +318,7 @@ def test_contamination_against_test_texts(tmp_path, tokenizer):
 
 def test_contamination_sees_text_before_pii_scrubbing(tmp_path):
     tests = ["Please reset the account for bob@example.com today"]
-    path = write_jsonl(
-        tmp_path / "c.jsonl", [chat("please reset the account for bob@example.com today", "Done.")]
-    )
+    path = write_jsonl(tmp_path / "c.jsonl", [chat("please reset the account for bob@example.com today", "Done.")])
     report = curate(path, tmp_path / "out", CurationConfig(contamination_ngram=20), test_texts=tests)
     assert report.rejected_by_rule["contamination"] == 1
 
@@ -536,9 +516,7 @@ def test_contamination_is_entity_aware_in_templated_domains(tmp_path, tokenizer)
     path = write_jsonl(
         tmp_path / "t.jsonl",
         [
-            chat(
-                "What is the unit rate of tariff T896?", "0.231 EUR/kWh"
-            ),  # same template, other tariff: kept
+            chat("What is the unit rate of tariff T896?", "0.231 EUR/kWh"),  # same template, other tariff: kept
             chat("Hi! What is the unit rate of tariff T417?", "0.231 EUR/kWh"),  # the test question: rejected
         ],
     )

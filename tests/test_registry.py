@@ -64,13 +64,9 @@ def adapters(tmp_path_factory) -> dict[str, Path]:
     return {
         "lora": _save_adapter(root / "lora", _lora()),
         "dora": _save_adapter(root / "dora", _lora(use_dora=True)),
-        "modules_to_save": _save_adapter(
-            root / "mts", _lora(target_modules=["q_proj"], modules_to_save=["lm_head"])
-        ),
+        "modules_to_save": _save_adapter(root / "mts", _lora(target_modules=["q_proj"], modules_to_save=["lm_head"])),
         "rank32": _save_adapter(root / "rank32", _lora(r=32)),
-        "prefix": _save_adapter(
-            root / "prefix", PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
-        ),
+        "prefix": _save_adapter(root / "prefix", PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")),
     }
 
 

@@ -163,9 +163,7 @@ def test_vllm_and_peft_answer_alike(tmp_path, base_model_dir, small_data, vllm_s
     served = chat_greedy(vllm_server.url, "parity", conversations, max_tokens=16)
 
     tokenizer = AutoTokenizer.from_pretrained(base_model_dir)
-    model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base_model_dir), result.adapter_dir
-    )
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir), result.adapter_dir)
     model.eval()
     local = []
     for messages in conversations:

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from gateway.deps import Services
 from gateway.errors import GatewayError, UpstreamError, error_body
@@ -123,7 +123,7 @@ class CompletionService:
                 ex.upstream_s += time.perf_counter() - t0
                 streaming = True
                 return StreamingResponse(
-                    self._relay(ex, first, lines),
+                    self._relay(ex, first, lines, asyncio.ensure_future(_wait_for_disconnect(request))),
                     media_type="text/event-stream",
                     headers={"X-Request-Id": ex.id, "Cache-Control": "no-cache"},
                 )
@@ -149,15 +149,22 @@ class CompletionService:
         except GatewayError as err:
             ex.status, ex.error = err.status_code, err.message
             raise
-        except (ClientDisconnected, asyncio.CancelledError):
+        except ClientDisconnected:
+            ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
+            return Response(status_code=CLIENT_CLOSED)  # nobody is listening; this ends the handler cleanly
+        except asyncio.CancelledError:
             ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
             raise
         finally:
             if not streaming:
                 self._finish(ex)
 
-    async def _relay(self, ex: Exchange, first: str, lines: AsyncIterator[str]) -> AsyncIterator[bytes]:
-        """Pass vLLM's events through, with the alias as `model`; collect the answer and usage."""
+    async def _relay(
+        self, ex: Exchange, first: str, lines: AsyncIterator[str], gone: asyncio.Future
+    ) -> AsyncIterator[bytes]:
+        """Pass vLLM's events through, with the alias as `model`; collect the answer and usage.
+        `gone` completes when the client disconnects: then the upstream stream is closed, which
+        aborts the generation in vLLM (the server may not tell us by failing a send)."""
         wants_usage = bool(ex.body.stream_options and ex.body.stream_options.include_usage)
         parts: list[str] = []
         line: str | None = first
@@ -179,9 +186,13 @@ class CompletionService:
                                 parts.append(delta.get("content") or choice.get("text") or "")
                         if choices or wants_usage:
                             yield f"data: {json.dumps(chunk)}\n\n".encode()
+                if gone.done():
+                    raise ClientDisconnected
                 t0 = time.perf_counter()
                 line = await anext(lines, None)
                 ex.upstream_s += time.perf_counter() - t0
+        except ClientDisconnected:
+            ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
         except GatewayError as err:  # mid-stream: the status is sent; say it in an event
             ex.status, ex.error = err.status_code, err.message
             yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n".encode()
@@ -189,6 +200,7 @@ class CompletionService:
             ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
             raise
         finally:
+            gone.cancel()
             await lines.aclose()
             ex.answer = "".join(parts)
             self._finish(ex)
