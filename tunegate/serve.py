@@ -9,6 +9,7 @@ named by string (`gateway.app:create_app`): the spine never imports it.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from rich.console import Console
@@ -16,6 +17,14 @@ from rich.console import Console
 from tunegate.db import migrate
 from tunegate.settings import Settings
 from tunegate.vllm import VllmServer
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum, frame) -> None:
+    raise _Stopped
 
 
 def serve(
@@ -33,6 +42,10 @@ def serve(
     migrate.upgrade(settings.database_url)
     server = None
     vllm_url = vllm_url or settings.vllm.url
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then re-raises the signal; these handlers turn
+    # that (or a signal while vLLM starts) into a normal return, so vLLM is stopped and the exit code is 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     try:
         if not vllm_url:
             from training.bootstrap import base_model_path
@@ -65,6 +78,8 @@ def serve(
             access_log=False,
             timeout_graceful_shutdown=30,
         )
+    except _Stopped:
+        pass
     finally:
         if server is not None:
             console.print("stopping vLLM")
