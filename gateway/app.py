@@ -23,6 +23,7 @@ from gateway.errors import install_error_handlers
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.openai.router import router as openai_router
+from gateway.review.router import router as review_router
 from gateway.routing import AdapterManager, Router
 from gateway.traffic import TrafficLog, purge_expired
 from gateway.upstream import Upstream
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
     app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(review_router)
 
     @app.get("/healthz", tags=["health"], summary="The process is alive (no key)")
     async def healthz() -> dict:

@@ -83,11 +83,59 @@ class RouteTarget(_Section):
         return version
 
 
+class PolicySettings(_Section):
+    """Risk thresholds: below `annotate_at` allow; then annotate; from `hold_at` hold for review;
+    from `block_at` block. A threshold above 1 switches that action off."""
+
+    annotate_at: float = Field(0.3, ge=0, description="Risk from which the answer carries its risk and evidence.")
+    hold_at: float = Field(0.6, ge=0, description="Risk from which the answer waits for a reviewer (202).")
+    block_at: float = Field(1.01, ge=0, description="Risk from which the answer is refused outright.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> PolicySettings:
+        if not self.annotate_at <= self.hold_at <= self.block_at:
+            raise ValueError("thresholds must satisfy `annotate_at` <= `hold_at` <= `block_at`")
+        return self
+
+
+class GuardrailSettings(_Section):
+    enabled: bool = Field(True, description="Score answers and apply the route's policy.")
+    detectors: list[str] = Field(
+        default_factory=lambda: ["grounding", "embedding", "uncertainty"],
+        description="Detectors to run, by registry name.",
+    )
+    calibration_path: Path | None = Field(
+        None,
+        description="Fitted risk model (`tunegate guard calibrate`); default `<var_dir>/guardrails/calibration.json`.",
+    )
+    nli_model_path: Path | None = Field(None, description="Local folder of an NLI / hallucination classifier.")
+    judge_url: str | None = Field(None, description="OpenAI-compatible endpoint of an LLM judge.")
+    judge_model: str | None = Field(None, description="Model name the judge endpoint serves.")
+    judge_api_key: str | None = Field(None, description="Key for the judge endpoint.")
+    consistency_samples: int = Field(0, ge=0, le=8, description="Extra samples asked of vLLM for self-consistency.")
+    policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy of routes without their own.")
+
+
+class ReviewSettings(_Section):
+    sample_rate: float = Field(0.02, ge=0, le=1, description="Share of allowed answers also sent to review.")
+    lease_s: float = Field(300.0, gt=0, description="How long a claimed item stays with its reviewer.")
+    required_verdicts: int = Field(1, ge=1, description="Independent verdicts an item needs (overlap).")
+    hold_timeout_s: float = Field(3600.0, gt=0, description="How long a held answer waits for a verdict.")
+    hold_fallback: Literal["refuse", "release"] = Field(
+        "refuse", description="What a held answer becomes when nobody decided in time."
+    )
+    webhook_url: str | None = Field(None, description="POSTed the outcome of each held item.")
+
+
 class RouteSettings(_Section):
     """A public model name (an alias) and the adapter versions it splits traffic between."""
 
     targets: list[RouteTarget] = Field(min_length=1, description="Where the alias sends traffic.")
     description: str = Field("", description="Shown in `/v1/models`.")
+    policy: PolicySettings | None = Field(None, description="This route's risk thresholds (default: guardrails').")
+    knowledge_base: Path | None = Field(
+        None, description="JSONL of passages (`text` field) to ground answers in when the client sends no context."
+    )
 
     @model_validator(mode="after")
     def _some_weight(self) -> RouteSettings:
@@ -135,6 +183,8 @@ class Settings(BaseSettings):
     vllm: VllmSettings = Field(default_factory=VllmSettings)
     base_model: BaseModelSettings = Field(default_factory=BaseModelSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
+    review: ReviewSettings = Field(default_factory=ReviewSettings)
     routes: dict[str, RouteSettings] = Field(
         default_factory=dict, description="Public model names (aliases) and their adapter targets."
     )
