@@ -176,7 +176,7 @@ def run_one(shape, quant, batch, ckpt, impl, seq, steps, warmup, device) -> dict
     result = {
         "impl": impl, "quant": quant, "batch": batch, "checkpointing": ckpt, "seq": seq,
         "tokens_per_s": round(tokens_per_s, 1), "peak_gib": round(peak, 2) if peak is not None else None,
-        "mfu": round(mfu, 4) if mfu is not None else None, "loss": round(float(loss), 4),
+        "mfu": round(mfu, 4) if mfu is not None else None, "loss": round(float(loss.detach()), 4),
         "trainable_params": trainable,
     }  # fmt: skip
     del model, optimizer, loss

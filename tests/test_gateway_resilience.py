@@ -169,3 +169,20 @@ def test_a_client_that_disconnects_cancels_its_upstream_request(gateway_with_fak
     while 499 not in _logged_statuses(gw["settings"]) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert 499 in _logged_statuses(gw["settings"])
+
+
+def test_a_slow_vllm_is_a_504(tmp_path):
+    events: list[str] = []
+    with ServerThread(fake_vllm(events)) as vllm:
+        settings = load_settings(None, var_dir=tmp_path, vllm={"url": vllm.url}, gateway={"upstream_timeout_s": 0.5})
+        upgrade(settings.database_url)
+        with session_scope(session_factory(make_engine(settings.database_url))) as session:
+            key = create_key(session, "app", "app")[0]
+        with ServerThread(create_app(settings)) as gw:
+            resp = httpx.post(
+                gw.url + "/v1/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={**CHAT, "messages": [{"role": "user", "content": "slow"}]},
+                timeout=10,
+            )
+    assert resp.status_code == 504 and resp.json()["error"]["code"] == "upstream_timeout"
