@@ -47,6 +47,7 @@ ALL_TARGETS = ("direct", "litellm", "ours")
 PROXIES = ("litellm", "ours")
 P99_BUDGET_MS = 50.0  # a proxy "sustains" a rate only while its p99 added latency stays under this
 MAX_ERROR_RATE = 0.01
+CRASH_GRACE_S = 20.0  # a server that has logged a traceback and still does not answer after this has failed
 FOREIGN_WARN_CORES = 0.25  # CPU used by processes that are not the benchmark's, above which results are suspect
 MIN_ACHIEVED_FRACTION = 0.95
 WORKER_MARGIN_S = 0.1  # headroom per worker beyond the upstream delay, so the delay never throttles hey
@@ -331,11 +332,15 @@ def http(method: str, url: str, body: dict | None = None, key: str | None = None
 def wait_ready(proc: Proc | None, base: str, paths: list[str], key: str | None, timeout_s: float) -> str:
     """Wait for a 200 on any of `paths`; returns the path that answered. Raises if the process
     exits or the time runs out."""
-    deadline = time.monotonic() + timeout_s
+    started = time.monotonic()
+    deadline = started + timeout_s
     last = ""
     while time.monotonic() < deadline:
         if proc is not None and not proc.alive():
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}: {proc.log_tail()}")
+        if proc is not None and time.monotonic() - started > CRASH_GRACE_S and "Traceback" in proc.log_tail(20000):
+            # a supervisor that restarts crashing workers never exits: don't wait out the whole timeout
+            raise RuntimeError(f"{proc.name} is not answering and logged a traceback: {proc.log_tail()}")
         for path in paths:
             status, body = http("GET", base + path, key=key, timeout=2.0)
             if status == 200:
@@ -412,8 +417,8 @@ def run_load(
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
-    # each worker ticks every 1/qps s until the end, and one tick it was already waiting for goes out
-    scheduled = sum(w * math.ceil(duration_s * qps - 1e-9) for w in parts)
+    # each worker ticks every 1/qps s until the end (a tick it was already waiting for may add one more)
+    scheduled = sum(w * math.floor(duration_s * qps + 1e-9) for w in parts)
     stats = summarize(rows, rate, duration_s, scheduled)
     stats.update({"hey_workers": workers, "hey_qps_per_worker": round(qps, 4), "hey_procs": len(parts)})
     if errors:
@@ -457,8 +462,9 @@ def litellm_config(mock_url: str, model: str) -> dict:
     }
 
 
-def start_litellm(procs: Processes, tmp: Path, mock_url: str, args) -> tuple[Proc, str, str, str, dict]:
-    """(process, base url, key, model, what was used) of a started, answering LiteLLM proxy."""
+def start_litellm(procs: Processes, tmp: Path, mock_url: str, args, info: dict) -> tuple[Proc, str, str, str]:
+    """(process, base url, key, model) of a started, answering LiteLLM proxy; `info` gets what was
+    used (filled in as it goes, so that a failure still tells). A proxy that fails is stopped."""
     litellm_bin = find_litellm(args.litellm_bin)
     if litellm_bin is None:
         raise RuntimeError("no `litellm` found: pip install 'litellm[proxy]', or pass --litellm-bin")
@@ -470,20 +476,26 @@ def start_litellm(procs: Processes, tmp: Path, mock_url: str, args) -> tuple[Pro
         litellm_bin, "--config", str(config_path), "--host", HOST, "--port", str(port),
         "--num_workers", str(args.litellm_workers),
     ]  # fmt: skip
-    info = {
-        "version": litellm_version(litellm_bin),
-        "command": cmd,
-        "config": {**config, "general_settings": {**config["general_settings"], "master_key": "sk-…"}},
-        "env": dict(LITELLM_ENV),
-        "num_workers": args.litellm_workers,
-        "database": None,
-    }
+    info.update(
+        {
+            "version": litellm_version(litellm_bin),
+            "command": cmd,
+            "config": {**config, "general_settings": {**config["general_settings"], "master_key": "sk-…"}},
+            "env": dict(LITELLM_ENV),
+            "num_workers": args.litellm_workers,
+            "database": None,
+        }
+    )
     proc = procs.start("litellm", cmd, env=LITELLM_ENV)
     base = f"http://{HOST}:{port}"
-    info["ready_path"] = wait_ready(
-        proc, base, ["/health/liveliness", "/v1/models"], LITELLM_MASTER_KEY, args.start_timeout
-    )
-    return proc, base, LITELLM_MASTER_KEY, args.model, info
+    try:
+        info["ready_path"] = wait_ready(
+            proc, base, ["/health/liveliness", "/v1/models"], LITELLM_MASTER_KEY, args.start_timeout
+        )
+    except BaseException:
+        procs.stop(proc)
+        raise
+    return proc, base, LITELLM_MASTER_KEY, args.model
 
 
 def _json_with_key(text: str) -> dict | None:
@@ -508,8 +520,9 @@ def _json_with_key(text: str) -> dict | None:
     return None
 
 
-def start_ours(procs: Processes, tmp: Path, mock_url: str, args) -> tuple[Proc, str, str, str, dict]:
-    """(process, base url, key, model, what was used) of a started, answering tunegate gateway."""
+def start_ours(procs: Processes, tmp: Path, mock_url: str, args, info: dict) -> tuple[Proc, str, str, str]:
+    """(process, base url, key, model) of a started, answering tunegate gateway; `info` gets what
+    was used (filled in as it goes, so that a failure still tells). A gateway that fails is stopped."""
     port = free_port()
     var_dir = tmp / "tunegate-var"
     var_dir.mkdir(exist_ok=True)
@@ -527,7 +540,7 @@ def start_ours(procs: Processes, tmp: Path, mock_url: str, args) -> tuple[Proc, 
     cmd = [part.format(**fmt) for part in template]
     tunegate = str(ROOT / ".venv" / "bin" / "tunegate")
     key_cmd = args.ours_key_cmd or [tunegate, "keys", "create", "bench", "--role", "app", "--json"]
-    info = {"command": cmd, "key_command": key_cmd, "env": {**env, "TUNEGATE_VAR_DIR": "<tmp>"}}
+    info.update({"command": cmd, "key_command": key_cmd, "env": {**env, "TUNEGATE_VAR_DIR": "<tmp>"}})
     full_env = {**os.environ, **env}
     if args.ours_migrate:
         migrate = [tunegate, "db", "upgrade"]
@@ -543,14 +556,18 @@ def start_ours(procs: Processes, tmp: Path, mock_url: str, args) -> tuple[Proc, 
     key = str(obj["key"])
     proc = procs.start("ours", cmd, env=env)
     base = f"http://{HOST}:{port}"
-    info["ready_path"] = wait_ready(proc, base, ["/readyz", "/v1/models"], key, args.start_timeout)
-    model = args.ours_model
-    if not model:
-        status, body = http("GET", base + "/v1/models", key=key)
-        ids = [m.get("id") for m in body.get("data", [])] if status == 200 and isinstance(body, dict) else []
-        model = ids[0] if ids else "base"
+    try:
+        info["ready_path"] = wait_ready(proc, base, ["/readyz", "/v1/models"], key, args.start_timeout)
+        model = args.ours_model
+        if not model:
+            status, body = http("GET", base + "/v1/models", key=key)
+            ids = [m.get("id") for m in body.get("data", [])] if status == 200 and isinstance(body, dict) else []
+            model = ids[0] if ids else "base"
+    except BaseException:
+        procs.stop(proc)
+        raise
     info["model"] = model
-    return proc, base, key, model, info
+    return proc, base, key, model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -593,14 +610,18 @@ def _measure_target(name, base, key, model, proc, own, rates, args, log_dir, std
     for rate in rates:
         idle_foreign = wait_quiet(args.quiet_wait, args.quiet_cores, own, stderr) if args.quiet_wait > 0 else None
         proxy0 = proc.cpu_seconds() if proc is not None else 0.0
-        own0 = sum(p.cpu_seconds() for p in own)
+        own0s = [p.cpu_seconds() for p in own]
+        own0 = sum(own0s)
         busy0, hey0, t0 = machine_busy_s(), children_cpu_s(), time.monotonic()
         stats = run_load(args.hey, url, key, model, rate, args.duration, args.delay_ms / 1000,
                          args.hey_procs, log_dir)  # fmt: skip
         wall = time.monotonic() - t0
         busy = machine_busy_s() - busy0
         hey_cpu = children_cpu_s() - hey0
-        own_cpu = sum(p.cpu_seconds() for p in own) - own0
+        own1s = [p.cpu_seconds() for p in own]
+        own_cpu = sum(own1s) - own0
+        mock_cpu = own1s[0] - own0s[0]  # own[0] is the mock upstream: a yardstick of this machine's speed
+        stats["mock_cpu_ms_per_request"] = round(1000 * mock_cpu / stats["requests"], 3) if stats["requests"] else None
         if proc is not None:
             cpu = proc.cpu_seconds() - proxy0
             stats["proxy_cpu_s"] = round(cpu, 2)
@@ -717,11 +738,11 @@ def run(
                 if name == "direct":
                     base, key, target_model = mock_url, "sk-mock", model
                 elif name == "litellm":
-                    proc, base, key, target_model, info = start_litellm(procs, tmp, mock_url, args)
-                    entry["setup"] = info
+                    entry["setup"] = {}
+                    proc, base, key, target_model = start_litellm(procs, tmp, mock_url, args, entry["setup"])
                 else:
-                    proc, base, key, target_model, info = start_ours(procs, tmp, mock_url, args)
-                    entry["setup"] = info
+                    entry["setup"] = {}
+                    proc, base, key, target_model = start_ours(procs, tmp, mock_url, args, entry["setup"])
                 own = [mock] + ([proc] if proc is not None else [])
                 per_rate = _measure_target(name, base, key, target_model, proc, own, rates, args, tmp, stderr)
                 entry["rates"] = {_key(r): s for r, s in per_rate.items()}
@@ -794,12 +815,14 @@ def plot_overhead(result: dict, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     floor = 0.1
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9.5, 4.8))
     colors = {"litellm": "tab:orange", "ours": "tab:blue"}
     labels = {"litellm": "LiteLLM proxy", "ours": "tunegate gateway"}
     drawn = False
+    plotted: list[float] = []
     for name in PROXIES:
         per_rate = result["targets"].get(name, {}).get("rates")
         if not per_rate:
@@ -810,6 +833,7 @@ def plot_overhead(result: dict, path: Path) -> Path:
             continue
         xs = [r for r, _ in points]
         ys = [max(s["added_p99_ms"], floor) for _, s in points]
+        plotted += ys
         label = f"{labels[name]} (max {result.get(f'{name}_max_rps')} rps)"
         ax.plot(xs, ys, "-", color=colors[name], label=label)
         for x, (_, s), y in zip(xs, points, ys, strict=True):
@@ -818,6 +842,12 @@ def plot_overhead(result: dict, path: Path) -> Path:
     ax.axhline(P99_BUDGET_MS, color="tab:red", linestyle="--", linewidth=1, label=f"{P99_BUDGET_MS:g} ms budget")
     ax.set_yscale("log")
     ax.set_xscale("log")
+    top = max([P99_BUDGET_MS * 2, *plotted])
+    bottom = min([P99_BUDGET_MS / 10, *plotted])
+    ax.set_ylim(bottom / 1.5, top * 1.5)
+    ticks = [t * 10**e for e in range(-1, 5) for t in (1, 2, 5)]
+    ax.set_yticks([t for t in ticks if bottom / 1.5 <= t <= top * 1.5])
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     rates = result["config"]["rates_rps"]
     ax.set_xticks(rates)
     ax.set_xticklabels([f"{r:g}" for r in rates])
@@ -832,9 +862,14 @@ def plot_overhead(result: dict, path: Path) -> Path:
     )
     note = f"hollow: rate not sustained; values <= {floor:g} ms drawn at {floor:g}"
     ax.text(0.01, 0.01, note, transform=ax.transAxes, fontsize=7, color="0.4")
+    if result.get("max_foreign_cpu_cores", 0.0) > FOREIGN_WARN_CORES:
+        ax.text(
+            0.99, 0.01, f"other processes used up to {result['max_foreign_cpu_cores']:.2f} cores: contended",
+            transform=ax.transAxes, fontsize=7, color="tab:red", ha="right",
+        )  # fmt: skip
     if not drawn:
         ax.text(0.5, 0.5, "no proxy measured", transform=ax.transAxes, ha="center", color="0.4")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

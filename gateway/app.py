@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -20,10 +21,12 @@ from sqlalchemy import func, select, text
 
 from gateway.deps import MetricsAccess, Services, Svc
 from gateway.errors import install_error_handlers
+from gateway.guarding import GuardService
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.openai.router import router as openai_router
 from gateway.review.router import router as review_router
+from gateway.review.service import ReviewService
 from gateway.routing import AdapterManager, Router
 from gateway.traffic import TrafficLog, purge_expired
 from gateway.upstream import Upstream
@@ -32,6 +35,7 @@ from tunegate.settings import Settings, get_settings
 
 log = logging.getLogger("tunegate.gateway")
 RETENTION_EVERY_S = 3600
+HOUSEKEEPING_EVERY_S = 15
 
 
 def build_services(settings: Settings, transport=None) -> Services:
@@ -49,6 +53,8 @@ def build_services(settings: Settings, transport=None) -> Services:
         limiter=RateLimiter(),
         traffic=TrafficLog(sessions, settings.gateway, metrics),
         metrics=metrics,
+        guard=GuardService(settings),
+        review=ReviewService(sessions, settings.review),
         key_cache={},
     )
 
@@ -64,15 +70,22 @@ def _review_queue_depth(services: Services):
     return depth
 
 
-async def _retention_loop(services: Services, days: int) -> None:
+async def _housekeeping(services: Services) -> None:
+    """Background work of each replica (all of it idempotent): held answers past their deadline
+    follow the fallback (and their webhooks fire) on time; old traffic-log rows are purged hourly."""
+    days = services.settings.gateway.retention_days
+    last_purge = 0.0
     while True:
         try:
-            removed = await asyncio.to_thread(purge_expired, services.sessions, days)
-            if removed:
-                log.info("retention: deleted %d traffic-log rows older than %d days", removed, days)
+            await asyncio.to_thread(services.review.expire_overdue)
+            if days and time.monotonic() - last_purge > RETENTION_EVERY_S:
+                last_purge = time.monotonic()
+                removed = await asyncio.to_thread(purge_expired, services.sessions, days)
+                if removed:
+                    log.info("retention: deleted %d traffic-log rows older than %d days", removed, days)
         except Exception:
-            log.exception("retention purge failed")
-        await asyncio.sleep(RETENTION_EVERY_S)
+            log.exception("housekeeping failed")
+        await asyncio.sleep(HOUSEKEEPING_EVERY_S)
 
 
 def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
@@ -85,8 +98,8 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
         services.traffic.start()
         app.state.services = services
         retention = None
-        if settings.gateway.retention_days and settings.gateway.background_tasks:
-            retention = asyncio.create_task(_retention_loop(services, settings.gateway.retention_days))
+        if settings.gateway.background_tasks:
+            retention = asyncio.create_task(_housekeeping(services))
         try:
             yield
         finally:

@@ -16,8 +16,10 @@ from fastapi import Depends, Header, Request
 from sqlalchemy.orm import sessionmaker
 
 from gateway.errors import Forbidden, Unauthenticated
+from gateway.guarding import GuardService
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
+from gateway.review.service import ReviewService
 from gateway.routing import AdapterManager, Router
 from gateway.traffic import TrafficLog
 from gateway.upstream import Upstream
@@ -37,6 +39,8 @@ class Services:
     limiter: RateLimiter
     traffic: TrafficLog
     metrics: Metrics
+    guard: GuardService
+    review: ReviewService
     key_cache: dict[str, tuple[float, Principal | None]]
 
 

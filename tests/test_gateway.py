@@ -30,6 +30,7 @@ def make_settings(var_dir: Path, base_model_dir: Path, vllm_url: str, **gateway)
         base_model={"path": str(base_model_dir)},
         vllm={"url": vllm_url},
         gateway={"key_cache_s": 0, "log_flush_interval_s": 0.05, **gateway},
+        guardrails={"enabled": False},  # the gateway as a pass-through; tests/test_gateway_guard.py adds them
         routes={
             "support": {"targets": [{"adapter": "support"}], "description": "the support assistant"},
             "canary": {

@@ -72,13 +72,16 @@ def fake_vllm(events: list[str]) -> FastAPI:
     return app
 
 
-@pytest.fixture
-def gateway(tmp_path):
+@pytest.fixture(params=["live", "buffered"])
+def gateway(tmp_path, request):
+    """A gateway whose answers stream live (guardrails off) or are buffered (a route that can hold)."""
     port = free_port()
+    guardrails = {"enabled": False} if request.param == "live" else {"policy": {"hold_at": 1.0, "block_at": 1.0}}
     settings = load_settings(
         None,
         var_dir=tmp_path,
         vllm={"url": f"http://127.0.0.1:{port}"},
+        guardrails=guardrails,
         gateway={"breaker_failures": 2, "breaker_reset_s": 0.5, "connect_retries": 1, "log_flush_interval_s": 0.05},
     )
     upgrade(settings.database_url)

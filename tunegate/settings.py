@@ -87,8 +87,8 @@ class PolicySettings(_Section):
     """Risk thresholds: below `annotate_at` allow; then annotate; from `hold_at` hold for review;
     from `block_at` block. A threshold above 1 switches that action off."""
 
-    annotate_at: float = Field(0.3, ge=0, description="Risk from which the answer carries its risk and evidence.")
-    hold_at: float = Field(0.6, ge=0, description="Risk from which the answer waits for a reviewer (202).")
+    annotate_at: float = Field(0.4, ge=0, description="Risk from which the answer carries its risk and evidence.")
+    hold_at: float = Field(0.75, ge=0, description="Risk from which the answer waits for a reviewer (202).")
     block_at: float = Field(1.01, ge=0, description="Risk from which the answer is refused outright.")
 
     @model_validator(mode="after")

@@ -1,0 +1,349 @@
+"""One calibrated risk from many detector results: a logistic regression over the detectors' scores.
+
+Owns the feature vector (each detector's score, `<name>`, and the parts it reports in
+`evidence["features"]`, `<name>.<part>`), its fitting from labelled rows, its JSON file, and the
+documented default combination used when no file exists. Also turns reviewer verdicts into labelled
+rows, so the guardrail can be re-calibrated from the review queue. Imports `guardrails.types`,
+numpy and scikit-learn.
+
+Unknown scores are handled explicitly: each feature contributes its value, imputed with the training
+mean when unknown, and an "is unknown" indicator; the regression learns what a missing detector
+means. A feature unknown in every training row gets no weight (listed in `unseen`).
+
+Monotone by construction: a detector's risk going up never lowers the combined risk. After each fit,
+the value feature with the most negative weight is dropped and the model refitted until no value
+weight is negative (indicators may take either sign). Without this the regression happily learns
+dataset artefacts, e.g. that on HaluEval a short answer (low embedding similarity) is rarely wrong.
+
+Classes are weighted to balance, and `threshold` is the risk that maximises balanced accuracy on the
+training rows (the middle of the best range), so "risk >= threshold" is the fitted decision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from guardrails.types import DetectorResult
+
+VERSION = 1
+Features = dict[str, float | None]
+
+
+class CalibrationError(ValueError):
+    """A calibration file or training set that cannot be used (the message says why)."""
+
+
+def feature_vector(results: Mapping[str, DetectorResult] | Iterable[DetectorResult]) -> Features:
+    """`{"grounding": 0.2, "grounding.number": 0.0, "embedding": None, ...}` from detector results."""
+    items = results.values() if isinstance(results, Mapping) else results
+    out: Features = {}
+    for r in items:
+        known = r.score is not None
+        out[r.name] = r.score
+        for key, value in (r.evidence.get("features") or {}).items():
+            ok = known and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+            out[f"{r.name}.{key}"] = float(value) if ok else None
+    return out
+
+
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+@dataclass
+class Calibration:
+    """A fitted logistic regression over detector features. `risk(results)` is in [0, 1]."""
+
+    features: list[str]
+    impute: list[float]  # per feature: the training mean, used when the score is unknown
+    center: list[float]  # per column (values, then indicators): standardisation
+    scale: list[float]
+    coef: list[float]  # per column
+    intercept: float
+    threshold: float
+    unseen: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # value features the monotone constraint removed
+    trained_on: dict[str, Any] = field(default_factory=dict)
+    version: int = VERSION
+
+    kind = "calibration"
+
+    def __post_init__(self) -> None:
+        n = len(self.features)
+        if len(self.impute) != n or not len(self.center) == len(self.scale) == len(self.coef) == 2 * n:
+            raise CalibrationError(
+                f"inconsistent calibration: {n} features need {n} `impute` and {2 * n} `center`, `scale`, `coef`"
+            )
+        numbers = [*self.impute, *self.center, *self.scale, *self.coef, self.intercept, self.threshold]
+        if not all(isinstance(x, int | float) and math.isfinite(x) for x in numbers):
+            raise CalibrationError("calibration parameters must be finite numbers")
+
+    def columns(self, vector: Features) -> list[float]:
+        values, unknown = [], []
+        for name, mean in zip(self.features, self.impute, strict=True):
+            v = vector.get(name)
+            missing = v is None or not math.isfinite(v)
+            values.append(mean if missing else float(v))
+            unknown.append(1.0 if missing else 0.0)
+        return values + unknown
+
+    def risk_of_vector(self, vector: Features) -> float:
+        cols = self.columns(vector)
+        z = self.intercept + sum(
+            c * (x - m) / s for c, x, m, s in zip(self.coef, cols, self.center, self.scale, strict=True)
+        )
+        return _sigmoid(z)
+
+    def risk(self, results: Mapping[str, DetectorResult] | Iterable[DetectorResult]) -> float:
+        return self.risk_of_vector(feature_vector(results))
+
+    def weights(self) -> dict[str, float]:
+        """Readable weights (per standardised column), zero ones left out."""
+        names = [*self.features, *(f"{f}?unknown" for f in self.features)]
+        return {n: round(c, 4) for n, c in zip(names, self.coef, strict=True) if c != 0.0}
+
+    # --- persistence -------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Calibration:
+        if not isinstance(data, Mapping):
+            raise CalibrationError("a calibration must be a JSON object")
+        if data.get("version") != VERSION:
+            raise CalibrationError(f"calibration version {data.get('version')!r}; this tunegate reads {VERSION}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise CalibrationError(f"unknown calibration field(s) {unknown}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise CalibrationError(f"incomplete calibration: {err}") from None
+
+    def save(self, path: str | Path) -> Path:
+        """Written atomically (a temporary file renamed), so a reader never sees half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CalibrationError(f"cannot read calibration {path}: {err}") from None
+        return cls.from_dict(data)
+
+    # --- fitting -----------------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        vectors: Sequence[Features],
+        labels: Sequence[bool],
+        C: float = 1.0,
+        features: Sequence[str] | None = None,
+        source: str = "",
+    ) -> Calibration:
+        """Fit on feature vectors (`feature_vector(results)` per row) and hallucination labels."""
+        import numpy as np
+        from sklearn.linear_model import LogisticRegression
+
+        if len(vectors) != len(labels):
+            raise CalibrationError(f"{len(vectors)} rows but {len(labels)} labels")
+        y = np.array([bool(v) for v in labels])
+        if y.all() or not y.any():
+            raise CalibrationError("calibration needs both hallucinated and supported rows")
+        names = list(features) if features is not None else sorted({k for v in vectors for k in v})
+        seen, unseen = [], []
+        for name in names:
+            known = [v[name] for v in vectors if v.get(name) is not None and math.isfinite(v[name])]
+            (seen if known else unseen).append(name)
+        if not seen:
+            raise CalibrationError("no detector produced a score on the calibration rows (all unknown)")
+        impute = []
+        for name in seen:
+            known = [v[name] for v in vectors if v.get(name) is not None and math.isfinite(v[name])]
+            impute.append(float(np.mean(known)))
+        proto = cls(seen, impute, [0.0] * 2 * len(seen), [1.0] * 2 * len(seen), [0.0] * 2 * len(seen), 0.0, 0.5)
+        X = np.array([proto.columns(v) for v in vectors])  # (rows, 2 * features)
+        center = X.mean(axis=0)
+        scale = X.std(axis=0)
+        scale[scale < 1e-12] = 1.0
+        Z = (X - center) / scale
+        n = len(seen)
+        active = [i for i in range(2 * n) if X[:, i].std() > 1e-12]  # constant columns carry nothing
+        dropped: list[str] = []
+        while True:
+            model = LogisticRegression(C=C, class_weight="balanced", max_iter=5000)
+            model.fit(Z[:, active], y)
+            coef = dict(zip(active, model.coef_[0], strict=True))
+            negative = [(c, i) for i, c in coef.items() if i < n and c < 0]
+            if not negative:
+                break
+            worst = min(negative)[1]
+            active.remove(worst)
+            dropped.append(seen[worst])
+            if not [i for i in active if i < n]:
+                raise CalibrationError("every detector score lowers the risk on these rows; are labels inverted?")
+        full = [float(coef.get(i, 0.0)) for i in range(2 * n)]
+        fitted = cls(
+            seen,
+            impute,
+            center.tolist(),
+            scale.tolist(),
+            full,
+            float(model.intercept_[0]),
+            0.5,
+            unseen=unseen,
+            dropped=dropped,
+        )
+        risks = np.array([fitted.risk_of_vector(v) for v in vectors])
+        fitted.threshold = best_threshold(risks, y)
+        fitted.trained_on = {
+            "source": source,
+            "rows": int(len(y)),
+            "hallucinated": int(y.sum()),
+            "balanced_accuracy": round(balanced_accuracy(risks >= fitted.threshold, y), 4),
+            "C": C,
+        }
+        return fitted
+
+
+@dataclass
+class DefaultCombination:
+    """Used when no calibration file exists: a weighted mean of the known detector scores.
+
+    Weights: grounding, nli and judge 0.6 each (they check the answer against evidence),
+    consistency 0.3, uncertainty 0.25, embedding 0.15 (similar is not the same as supported), any
+    other detector 0.1.
+    Unknown scores are left out of the mean; with no known score the risk is 0.5 ("no evidence
+    either way"), which the default policy annotates. `threshold` 0.5.
+    """
+
+    weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "grounding": 0.6,
+            "nli": 0.6,
+            "judge": 0.6,
+            "consistency": 0.3,
+            "uncertainty": 0.25,
+            "embedding": 0.15,
+        }
+    )
+    threshold: float = 0.5
+    no_evidence_risk: float = 0.5
+
+    kind = "default"
+
+    def risk(self, results: Mapping[str, DetectorResult] | Iterable[DetectorResult]) -> float:
+        items = results.values() if isinstance(results, Mapping) else results
+        known = [(self.weights.get(r.name, 0.1), r.score) for r in items if r.score is not None]
+        total = sum(w for w, _ in known)
+        if not known or total <= 0:
+            return self.no_evidence_risk
+        return min(1.0, max(0.0, sum(w * s for w, s in known) / total))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, **asdict(self)}
+
+
+RiskModel = Calibration | DefaultCombination
+
+
+def balanced_accuracy(predicted, labels) -> float:
+    import numpy as np
+
+    p, y = np.asarray(predicted, bool), np.asarray(labels, bool)
+    tpr = (p & y).sum() / max(y.sum(), 1)
+    tnr = (~p & ~y).sum() / max((~y).sum(), 1)
+    return float((tpr + tnr) / 2)
+
+
+def best_threshold(risks, labels) -> float:
+    """The threshold (flag when risk >= it) with the best balanced accuracy: the middle of the range
+    of thresholds that reach it, so a clean gap between the classes is split in half."""
+    import numpy as np
+
+    r, y = np.asarray(risks, float), np.asarray(labels, bool)
+    u = np.unique(r)
+    candidates = np.concatenate([[u[0] - 1e-6], (u[:-1] + u[1:]) / 2, [u[-1] + 1e-6]])
+    scores = np.array([balanced_accuracy(r >= t, y) for t in candidates])
+    best = np.flatnonzero(scores >= scores.max() - 1e-12)
+    lo, hi = candidates[best[0]], candidates[best[-1]]
+    if best[-1] - best[0] + 1 == len(best):  # one contiguous range: its midpoint
+        return float(min(1.0, max(0.0, (lo + hi) / 2)))
+    return float(min(1.0, max(0.0, candidates[best[len(best) // 2]])))
+
+
+# --- labelled rows ---------------------------------------------------------------------------------
+
+_VERDICT_LABELS = {"approve": False, "approved": False, "reject": True, "rejected": True, "edit": True, "edited": True}
+
+
+def read_labelled(path: str | Path) -> list[dict[str, Any]]:
+    """Rows `{knowledge, question, answer, hallucinated}` from a JSONL file (HaluEval QA's format)."""
+    rows = []
+    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CalibrationError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+        missing = [k for k in ("question", "answer", "hallucinated") if k not in row]
+        if missing:
+            raise CalibrationError(
+                f"{path}:{lineno}: missing field(s) {missing}; rows need knowledge, question, answer, hallucinated"
+            )
+        if not isinstance(row["hallucinated"], bool):
+            raise CalibrationError(f"{path}:{lineno}: `hallucinated` must be true or false")
+        rows.append(row)
+    if not rows:
+        raise CalibrationError(f"{path} has no rows")
+    return rows
+
+
+def rows_from_reviews(reviews: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Labelled rows from reviewer verdicts: approve -> not hallucinated; reject or edit -> hallucinated.
+
+    Each review is `{question, context, answer, verdict}`, optionally with the answer's
+    `token_logprobs`, `top_logprobs` and `samples` (kept, so those detectors get calibrated too). A
+    `corrected_answer` of an edit also becomes a supported row (written against the same context)."""
+    rows = []
+    for i, review in enumerate(reviews):
+        verdict = str(review.get("verdict", "")).lower()
+        if verdict not in _VERDICT_LABELS:
+            raise CalibrationError(f"review {i}: `verdict` {review.get('verdict')!r} is not approve, reject or edit")
+        context = review.get("context") or review.get("knowledge") or ""
+        row = {
+            "knowledge": context,
+            "question": review.get("question", ""),
+            "answer": review.get("answer", ""),
+            "hallucinated": _VERDICT_LABELS[verdict],
+        }
+        # What the gateway stored about how the answer was produced: the uncertainty and consistency
+        # detectors can only be calibrated on rows that carry it.
+        row.update({k: review[k] for k in ("token_logprobs", "top_logprobs", "samples") if review.get(k)})
+        rows.append(row)
+        corrected = review.get("corrected_answer")
+        if verdict.startswith("edit") and isinstance(corrected, str) and corrected.strip():
+            rows.append({"knowledge": context, "question": review.get("question", ""), "answer": corrected,
+                         "hallucinated": False})  # fmt: skip
+    return rows

@@ -1,0 +1,107 @@
+"""The detector registry: detectors keyed by name, filled explicitly in `default_registry()`.
+
+Owns the names the settings use (`guardrails.detectors`) and how each detector is built from
+`GuardrailSettings`. Registering a name twice is an error; nothing registers itself on import, and
+heavy detectors (models, clients) import their libraries only when built. Imports `tunegate.settings`
+and `guardrails.types` (detector modules lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from guardrails.types import Detector
+from tunegate.settings import GuardrailSettings
+
+Factory = Callable[[GuardrailSettings], Detector]
+
+
+class RegistryError(ValueError):
+    """A duplicate name, an unknown name or a detector its settings cannot build."""
+
+
+class Registry:
+    """Detector factories by name."""
+
+    def __init__(self) -> None:
+        self._factories: dict[str, Factory] = {}
+        self._help: dict[str, str] = {}
+
+    def register(self, name: str, factory: Factory, help: str = "") -> None:
+        if name in self._factories:
+            raise RegistryError(f"a detector named `{name}` is already registered; pick another name")
+        self._factories[name] = factory
+        self._help[name] = help
+
+    def names(self) -> list[str]:
+        return list(self._factories)
+
+    def describe(self) -> dict[str, str]:
+        return dict(self._help)
+
+    def build(self, name: str, settings: GuardrailSettings) -> Detector:
+        if name not in self._factories:
+            raise RegistryError(
+                f"unknown detector `{name}` in `guardrails.detectors`; known: {', '.join(self._factories)}"
+            )
+        return self._factories[name](settings)
+
+
+def _grounding(_: GuardrailSettings) -> Detector:
+    from guardrails.detectors.grounding import grounding
+
+    return grounding
+
+
+def _embedding(_: GuardrailSettings) -> Detector:
+    from guardrails.detectors.embedding import EmbeddingDetector
+
+    return EmbeddingDetector()
+
+
+def _uncertainty(_: GuardrailSettings) -> Detector:
+    from guardrails.detectors.uncertainty import uncertainty
+
+    return uncertainty
+
+
+def _consistency(_: GuardrailSettings) -> Detector:
+    from guardrails.detectors.consistency import consistency
+
+    return consistency
+
+
+def _nli(settings: GuardrailSettings) -> Detector:
+    from guardrails.detectors.nli import NLIDetector
+
+    if settings.nli_model_path is None:
+        raise RegistryError("detector `nli` needs `guardrails.nli_model_path` (a local classifier folder)")
+    return NLIDetector(settings.nli_model_path)
+
+
+def _judge(settings: GuardrailSettings) -> Detector:
+    from guardrails.detectors.judge import JudgeDetector
+
+    if not settings.judge_url:
+        raise RegistryError("detector `judge` needs `guardrails.judge_url` (an OpenAI-compatible endpoint)")
+    return JudgeDetector(settings.judge_url, settings.judge_model or "judge", settings.judge_api_key)
+
+
+def default_registry() -> Registry:
+    """Every detector tunegate ships, in one place."""
+    registry = Registry()
+    registry.register("grounding", _grounding, "lexical, entity and number support of each sentence")
+    registry.register("embedding", _embedding, "MiniLM cosine to the best context sentence")
+    registry.register("uncertainty", _uncertainty, "token probabilities and entropy from vLLM logprobs")
+    registry.register("consistency", _consistency, "agreement with extra samples (exact match, token F1)")
+    registry.register("nli", _nli, "a local NLI / hallucination classifier")
+    registry.register("judge", _judge, "an LLM judge behind an OpenAI-compatible endpoint")
+    return registry
+
+
+def build_detectors(settings: GuardrailSettings, registry: Registry | None = None) -> dict[str, Detector]:
+    """The detectors `settings.detectors` names, built, in that order."""
+    registry = registry or default_registry()
+    if len(set(settings.detectors)) != len(settings.detectors):
+        raise RegistryError(f"`guardrails.detectors` names a detector twice: {settings.detectors}")
+    return {name: registry.build(name, settings) for name in settings.detectors}
