@@ -433,7 +433,12 @@ def demo(config: ConfigOption = None) -> None:
 
 @guard_app.command("calibrate")
 def guard_calibrate(
-    data: Annotated[Path, typer.Option(help="Labelled JSONL: {knowledge, question, answer, hallucinated} a line.")],
+    data: Annotated[
+        Path | None, typer.Option(help="Labelled JSONL: {knowledge, question, answer, hallucinated} a line.")
+    ] = None,
+    from_reviews: Annotated[
+        bool, typer.Option("--from-reviews", help="Add the review queue's verdicts as labels (with --data or alone).")
+    ] = False,
     out: Annotated[
         Path | None, typer.Option(help="Where to write it (default: `guardrails.calibration_path`).")
     ] = None,
@@ -446,11 +451,20 @@ def guard_calibrate(
     from guardrails.registry import RegistryError, build_detectors
 
     settings = settings_or_exit(config)
-    if not data.exists():
+    if data is None and not from_reviews:
+        raise fail("give `--data LABELLED.jsonl`, `--from-reviews`, or both")
+    if data is not None and not data.exists():
         raise fail(f"`--data` {data} not found")
     try:
-        rows = read_labelled(data)
-        calibration = fit_calibration(rows, build_detectors(settings.guardrails), source=str(data))
+        rows = read_labelled(data) if data is not None else []
+        if from_reviews:
+            from guardrails.calibration import rows_from_reviews
+            from tunegate.labels import review_rows
+
+            with _with_session(settings) as session:
+                rows += rows_from_reviews(review_rows(session))
+        source = " + ".join([str(data)] * (data is not None) + ["review queue"] * from_reviews)
+        calibration = fit_calibration(rows, build_detectors(settings.guardrails), source=source)
     except (CalibrationError, RegistryError) as err:
         raise fail(str(err)) from None
     path = calibration.save(out or calibration_path_for(settings.guardrails, settings.var_dir))
