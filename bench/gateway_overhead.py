@@ -646,6 +646,25 @@ def _measure_target(name, base, key, model, proc, own, rates, args, log_dir, std
     return per_rate
 
 
+def _remeasure_direct(result: dict, mock: Proc, mock_url: str, model: str, rates, args, log_dir, stderr) -> None:
+    """The baseline is cheap: measure again, at the end, each rate that other processes disturbed
+    (the mock is still up) and keep the quieter of the two measurements."""
+    direct = result["targets"].get("direct", {}).get("rates")
+    if not direct:
+        return
+    noisy = [r for r in rates if direct.get(_key(r), {}).get("foreign_cpu_cores", 0.0) > FOREIGN_WARN_CORES]
+    if not noisy:
+        return
+    again = argparse.Namespace(**{**vars(args), "warmup": 0.0})
+    redo = _measure_target("direct", mock_url, "sk-mock", model, None, [mock], noisy, again, log_dir, stderr)
+    for rate, stats in redo.items():
+        first = direct[_key(rate)]
+        if stats["foreign_cpu_cores"] < first["foreign_cpu_cores"]:
+            direct[_key(rate)] = {**stats, "remeasured": True, "first_attempt": first}
+        else:
+            first["remeasured"] = False
+
+
 def _key(rate: float) -> str:
     return f"{rate:g}"
 
@@ -754,6 +773,10 @@ def run(
             finally:
                 if proc is not None:
                     procs.stop(proc)
+        try:
+            _remeasure_direct(result, mock, mock_url, model, rates, args, tmp, stderr)
+        except (RuntimeError, OSError, subprocess.SubprocessError, ValueError) as e:
+            result["targets"]["direct"]["remeasure_error"] = f"{type(e).__name__}: {e}"[:1000]
     finally:
         procs.stop_all()
         if os.environ.get("GWBENCH_KEEP_TMP"):

@@ -129,9 +129,7 @@ def encode_chat(tokenizer: PreTrainedTokenizerFast, messages: list[dict]) -> tup
     return prompt_ids + answer_ids, [IGNORE_INDEX] * len(prompt_ids) + answer_ids
 
 
-def _training_sequences(
-    domain: Domain, tokenizer: PreTrainedTokenizerFast
-) -> list[tuple[list[int], list[int]]]:
+def _training_sequences(domain: Domain, tokenizer: PreTrainedTokenizerFast) -> list[tuple[list[int], list[int]]]:
     seqs = [encode_chat(tokenizer, ex["messages"]) for ex in domain.qa_examples(domain.old_facts)]
     for code in domain.old_codes:  # the knowledge-base articles, as plain language-model text
         ids = tokenizer.encode(BOS + domain.tariff_passage(code) + END, add_special_tokens=False)
@@ -152,9 +150,7 @@ def _batch(seqs: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, to
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(
-    model: LlamaForCausalLM, seqs: list[tuple[list[int], list[int]]], pad_id: int
-) -> float:
+def teacher_forced_accuracy(model: LlamaForCausalLM, seqs: list[tuple[list[int], list[int]]], pad_id: int) -> float:
     """Share of sequences whose every labelled token is the model's argmax: a cheap exact match."""
     model.eval()
     hits = 0
@@ -204,9 +200,7 @@ def train_base_model(
     model = LlamaForCausalLM(_llama_config(tokenizer, config))
     # No weight decay: the embeddings of codes not yet seen (the new tariffs) must keep their
     # random initialisation, not shrink towards zero, so an adapter can still tell them apart.
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98), weight_decay=0.0
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98), weight_decay=0.0)
 
     def lr_at(step: int) -> float:
         if step < config.warmup_steps:
@@ -281,9 +275,7 @@ def ensure_base_model(
     target = models_dir / f"base-{cache_key(domain, config)}"
     if target.exists() and not rebuild:
         info = json.loads((target / MANIFEST).read_text())
-        return BuildResult(
-            target, info["params"], info["build_seconds"], True, info["steps"], info["train_accuracy"]
-        )
+        return BuildResult(target, info["params"], info["build_seconds"], True, info["steps"], info["train_accuracy"])
     models_dir.mkdir(parents=True, exist_ok=True)
     tmp = models_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()

@@ -23,9 +23,7 @@ def base_model_path(settings: Settings, progress: bool = False) -> Path:
     return ensure_base_model(settings.models_dir, progress=progress).path
 
 
-def run_bootstrap(
-    settings: Settings, rebuild: bool = False, evaluate: bool = True, progress: bool = True
-) -> dict:
+def run_bootstrap(settings: Settings, rebuild: bool = False, evaluate: bool = True, progress: bool = True) -> dict:
     build = ensure_base_model(settings.models_dir, progress=progress, rebuild=rebuild)
     manifest = read_manifest(build.path)
     result: dict = {

@@ -58,9 +58,7 @@ class CurationConfig:
 
     max_tokens: int = field(
         default=2048,
-        metadata={
-            "help": "Longest example kept, in tokens of the rendered chat template (the base model context)."
-        },
+        metadata={"help": "Longest example kept, in tokens of the rendered chat template (the base model context)."},
     )
     validation_fraction: float = field(
         default=0.1,
@@ -72,9 +70,7 @@ class CurationConfig:
     )
     near_dup_threshold: float = field(
         default=0.8,
-        metadata={
-            "help": "Estimated Jaccard similarity of word shingles at or above which a row is a near-dup."
-        },
+        metadata={"help": "Estimated Jaccard similarity of word shingles at or above which a row is a near-dup."},
     )
     near_dedup: bool = field(
         default=True,
@@ -95,21 +91,15 @@ class CurationConfig:
             "(0: any shared n-gram) and all of its words that carry digits."
         },
     )
-    scrub_pii: bool = field(
-        default=True, metadata={"help": "Mask PII with typed placeholders such as `[EMAIL]`."}
-    )
+    scrub_pii: bool = field(default=True, metadata={"help": "Mask PII with typed placeholders such as `[EMAIL]`."})
     pii_kinds: tuple[str, ...] = field(
         default=PII_KINDS, metadata={"help": f"PII kinds to mask, a subset of {', '.join(PII_KINDS)}."}
     )
     input_format: str = field(
         default="auto",
-        metadata={
-            "help": "Input format: `auto` (detected per file), `chat`, `prompt_completion` or `alpaca`."
-        },
+        metadata={"help": "Input format: `auto` (detected per file), `chat`, `prompt_completion` or `alpaca`."},
     )
-    max_samples_per_rule: int = field(
-        default=5, metadata={"help": "Sample rejections kept per rule in the report."}
-    )
+    max_samples_per_rule: int = field(default=5, metadata={"help": "Sample rejections kept per rule in the report."})
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -128,13 +118,9 @@ class CurationConfig:
                 "0.8 is a good default, or set `near_dedup=False` to turn near-duplicate removal off."
             )
         if not isinstance(self.shingle_size, int) or self.shingle_size < 1:
-            raise ValueError(
-                f"`shingle_size` must be an integer >= 1, got {self.shingle_size!r}; 3 is typical."
-            )
+            raise ValueError(f"`shingle_size` must be an integer >= 1, got {self.shingle_size!r}; 3 is typical.")
         if not isinstance(self.num_perm, int) or not 16 <= self.num_perm <= 1024:
-            raise ValueError(
-                f"`num_perm` must be an integer in [16, 1024], got {self.num_perm!r}; 128 is typical."
-            )
+            raise ValueError(f"`num_perm` must be an integer in [16, 1024], got {self.num_perm!r}; 128 is typical.")
         if not isinstance(self.contamination_ngram, int) or self.contamination_ngram < 1:
             raise ValueError(
                 f"`contamination_ngram` must be an integer >= 1, got {self.contamination_ngram!r}; "
@@ -155,9 +141,7 @@ class CurationConfig:
                 "use `auto` to detect the format of each file."
             )
         if not isinstance(self.max_samples_per_rule, int) or self.max_samples_per_rule < 0:
-            raise ValueError(
-                f"`max_samples_per_rule` must be an integer >= 0, got {self.max_samples_per_rule!r}."
-            )
+            raise ValueError(f"`max_samples_per_rule` must be an integer >= 0, got {self.max_samples_per_rule!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -301,9 +285,7 @@ def _iter_jsonl(path: Path, source: str) -> Iterator[tuple[int, Any] | Rejection
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield Rejection(
-                    "json", f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})", source, lineno
-                )
+                yield Rejection("json", f"line is not valid UTF-8 ({exc.reason} at byte {exc.start})", source, lineno)
                 continue
             try:
                 yield lineno, json.loads(text)
@@ -408,9 +390,7 @@ def _normalise(fmt: str, record: Any) -> list[dict[str, str]]:
     got = _detect(record)
     if got != fmt:
         keys = ", ".join(sorted(map(str, record))[:8])
-        raise _Reject(
-            "schema", f"expected a record in `{fmt}` format like the rest of this file, got keys [{keys}]"
-        )
+        raise _Reject("schema", f"expected a record in `{fmt}` format like the rest of this file, got keys [{keys}]")
     if fmt == "chat":
         return _chat_messages(record["messages"])
     if fmt == "prompt_completion":
@@ -438,9 +418,7 @@ def _normalise(fmt: str, record: Any) -> list[dict[str, str]]:
 def _check_roles(messages: list[dict[str, str]]) -> None:
     for i, msg in enumerate(messages, start=1):
         if msg["role"] not in ROLES:
-            raise _Reject(
-                "roles", f"message {i} has role {msg['role'][:40]!r}; allowed roles are {', '.join(ROLES)}"
-            )
+            raise _Reject("roles", f"message {i} has role {msg['role'][:40]!r}; allowed roles are {', '.join(ROLES)}")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
     offset = len(messages) - len(turns)
     if not turns:
@@ -595,15 +573,11 @@ def dataset_hash(path: str | os.PathLike[str]) -> str:
     if p.is_file():
         return _sha256_file(p)
     if not p.is_dir():
-        raise FileNotFoundError(
-            f"`path` {str(p)!r} is neither a file nor a directory; pass a dataset file or folder."
-        )
+        raise FileNotFoundError(f"`path` {str(p)!r} is neither a file nor a directory; pass a dataset file or folder.")
     h = hashlib.sha256()
     for f in sorted(q for q in p.rglob("*") if q.is_file()):
         rel = f.relative_to(p)
-        if any(part.startswith(".") for part in rel.parts) or (
-            len(rel.parts) == 1 and rel.name in REPORT_FILES
-        ):
+        if any(part.startswith(".") for part in rel.parts) or (len(rel.parts) == 1 and rel.name in REPORT_FILES):
             continue
         h.update(rel.as_posix().encode("utf-8") + b"\x00")
         h.update(_sha256_file(f).encode("ascii") + b"\n")
@@ -619,8 +593,7 @@ def _check_tokenizer(tokenizer: Any) -> None:
         return
     if not hasattr(tokenizer, "apply_chat_template"):
         raise TypeError(
-            "`tokenizer` must be a transformers tokenizer with `apply_chat_template`, "
-            f"got {type(tokenizer).__name__}."
+            f"`tokenizer` must be a transformers tokenizer with `apply_chat_template`, got {type(tokenizer).__name__}."
         )
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
@@ -692,8 +665,7 @@ def curate(
                 if fmt is None:
                     raise _Reject(
                         "schema",
-                        "unrecognised record: expected `messages`, `prompt`+`completion`, or "
-                        "`instruction`+`output`",
+                        "unrecognised record: expected `messages`, `prompt`+`completion`, or `instruction`+`output`",
                     )
                 messages = _normalise(fmt, record)
                 _check_roles(messages)
@@ -702,9 +674,7 @@ def curate(
                 continue
             examples.append(_Example(messages, source, line))
         rows_in += file_rows
-        inputs.append(
-            {"path": source, "format": fmt or "unknown", "rows": file_rows, "sha256": _sha256_file(path)}
-        )
+        inputs.append({"path": source, "format": fmt or "unknown", "rows": file_rows, "sha256": _sha256_file(path)})
     steps.append(StepCount("parse", rows_in, parsed))
     steps.append(StepCount("validate", parsed, len(examples)))
 
@@ -766,9 +736,7 @@ def curate(
         ex.key = _example_key(ex.messages)
         first = seen.get(ex.key)
         if first is not None:
-            raise _Reject(
-                "exact_duplicate", f"duplicate of {first[0]} line {first[1]} (after normalising text)"
-            )
+            raise _Reject("exact_duplicate", f"duplicate of {first[0]} line {first[1]} (after normalising text)")
         seen[ex.key] = (ex.source, ex.line)
 
     run_step("exact_dedup", exact)
@@ -821,9 +789,7 @@ def curate(
         (validation if _split_of(ex.key, config) == "validation" else train).append(line)
         pii_total.update(ex.pii)
         with_pii += bool(ex.pii)
-    steps.append(
-        StepCount("split", len(examples), len(examples), f"{len(train)} train, {len(validation)} validation")
-    )
+    steps.append(StepCount("split", len(examples), len(examples), f"{len(train)} train, {len(validation)} validation"))
 
     outputs: dict[str, dict[str, Any]] = {}
     for name, rows in (("train.jsonl", train), ("validation.jsonl", validation)):
@@ -844,9 +810,7 @@ def curate(
     )
     report_dict = report.to_dict()
     _atomic_write(out / "report.html", render_html(report_dict).encode("utf-8"))
-    _atomic_write(
-        out / "report.json", (json.dumps(report_dict, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    )
+    _atomic_write(out / "report.json", (json.dumps(report_dict, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     return report
 
 
@@ -892,8 +856,7 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
     body = []
     for row in rows:
         cells = "".join(
-            f'<td class="n">{v}</td>' if isinstance(v, int) else f"<td>{html.escape(str(v))}</td>"
-            for v in row
+            f'<td class="n">{v}</td>' if isinstance(v, int) else f"<td>{html.escape(str(v))}</td>" for v in row
         )
         body.append(f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"

@@ -75,9 +75,7 @@ def version_number(version: str) -> int:
     """`"v12"` -> 12; raises ValueError for anything that is not `v<N>`."""
     m = _VERSION_RE.match(version)
     if not m:
-        raise ValueError(
-            f"`version` must look like `v1`, `v2`, ..., got {version!r}; use `next_version(name)`."
-        )
+        raise ValueError(f"`version` must look like `v1`, `v2`, ..., got {version!r}; use `next_version(name)`.")
     return int(m.group(1))
 
 
@@ -118,15 +116,12 @@ class Manifest:
             stamp = datetime.fromisoformat(self.created_at)
         except (TypeError, ValueError):
             raise ValueError(
-                f"`created_at` must be an ISO 8601 timestamp, got {self.created_at!r}; "
-                "leave it unset to use now."
+                f"`created_at` must be an ISO 8601 timestamp, got {self.created_at!r}; leave it unset to use now."
             ) from None
         if stamp.utcoffset() is None or stamp.utcoffset().total_seconds() != 0:
             raise ValueError(f"`created_at` must be in UTC (`+00:00`), got {self.created_at!r}.")
         if not isinstance(self.metrics, dict):
-            raise ValueError(
-                f"`metrics` must be a dict of metric name to value, got {type(self.metrics).__name__}."
-            )
+            raise ValueError(f"`metrics` must be a dict of metric name to value, got {type(self.metrics).__name__}.")
         if self.servable and self.unservable_reason:
             raise ValueError(
                 "`unservable_reason` is set but `servable` is true; clear the reason or set servable=False."
@@ -190,8 +185,7 @@ def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
     p = Path(adapter_dir) / ADAPTER_CONFIG
     if not p.is_file():
         raise FileNotFoundError(
-            f"no `{ADAPTER_CONFIG}` in {str(adapter_dir)!r}; "
-            "pass the folder written by peft's `save_pretrained`."
+            f"no `{ADAPTER_CONFIG}` in {str(adapter_dir)!r}; pass the folder written by peft's `save_pretrained`."
         )
     return json.loads(p.read_text(encoding="utf-8"))
 
@@ -231,8 +225,7 @@ def check_servable(
     else:
         if cfg.get("use_dora"):
             reasons.append(
-                "`use_dora` is true: vLLM does not serve DoRA adapters; retrain with `use_dora=False` "
-                "(plain LoRA)"
+                "`use_dora` is true: vLLM does not serve DoRA adapters; retrain with `use_dora=False` (plain LoRA)"
             )
         modules_to_save = cfg.get("modules_to_save")
         if modules_to_save:
@@ -242,9 +235,7 @@ def check_servable(
             )
         bias = cfg.get("bias", "none")
         if bias not in (None, "none"):
-            reasons.append(
-                f"`bias` is {bias!r}: vLLM does not load trained biases; retrain with `bias='none'`"
-            )
+            reasons.append(f"`bias` is {bias!r}: vLLM does not load trained biases; retrain with `bias='none'`")
         ranks = {"`r`": cfg.get("r")}
         ranks.update({f"`rank_pattern[{k!r}]`": v for k, v in (cfg.get("rank_pattern") or {}).items()})
         for what, r in ranks.items():
@@ -271,9 +262,7 @@ class AdapterRegistry:
     is the hash of the served base model every published adapter must have been trained on.
     """
 
-    def __init__(
-        self, root: str | os.PathLike[str], max_lora_rank: int = 16, base_model_hash: str | None = None
-    ):
+    def __init__(self, root: str | os.PathLike[str], max_lora_rank: int = 16, base_model_hash: str | None = None):
         if not isinstance(max_lora_rank, int) or max_lora_rank < 1:
             raise ValueError(
                 f"`max_lora_rank` must be a positive integer, got {max_lora_rank!r}; "
@@ -321,9 +310,7 @@ class AdapterRegistry:
         _check_name(name)
         versions = self._versions(name)
         if not versions:
-            raise AdapterNotFoundError(
-                f"no adapter named {name!r} in {str(self.root)!r}; known: {self.names()}."
-            )
+            raise AdapterNotFoundError(f"no adapter named {name!r} in {str(self.root)!r}; known: {self.names()}.")
         if version == "latest":
             return versions[-1][1]
         wanted = version_number(version)
@@ -348,9 +335,7 @@ class AdapterRegistry:
 
     # ---------------------------------------------------------------------------------- writing
 
-    def publish(
-        self, src_dir: str | os.PathLike[str], manifest: Manifest, allow_unservable: bool = False
-    ) -> Path:
+    def publish(self, src_dir: str | os.PathLike[str], manifest: Manifest, allow_unservable: bool = False) -> Path:
         """Copy the adapter in `src_dir` into the registry as `manifest.name`/`manifest.version`, atomically.
 
         The stored manifest takes `peft_type`, `servable` and `unservable_reason` from `check_servable`.

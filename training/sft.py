@@ -40,12 +40,8 @@ class TrainingError(Exception):
 class TrainConfig:
     """One adapter training run. Every field can be set in the YAML file given to `tunegate train`."""
 
-    name: str = field(
-        metadata={"help": "Adapter name in the registry (the alias routes use, e.g. `support`)."}
-    )
-    train_file: Path = field(
-        metadata={"help": "Curated chat JSONL (`messages`), e.g. from `tunegate data curate`."}
-    )
+    name: str = field(metadata={"help": "Adapter name in the registry (the alias routes use, e.g. `support`)."})
+    train_file: Path = field(metadata={"help": "Curated chat JSONL (`messages`), e.g. from `tunegate data curate`."})
     validation_file: Path | None = field(
         default=None, metadata={"help": "Validation JSONL; enables early stopping on validation loss."}
     )
@@ -80,9 +76,7 @@ class TrainConfig:
     )
     max_length: int = field(default=256, metadata={"help": "Longest tokenized example kept (tokens)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, dropout and data order."})
-    parent_version: str | None = field(
-        default=None, metadata={"help": "Registry version this one improves on."}
-    )
+    parent_version: str | None = field(default=None, metadata={"help": "Registry version this one improves on."})
     run_dir: Path | None = field(
         default=None,
         metadata={"help": "Checkpoints and logs; default `<var_dir>/runs/<name>-<config hash>`."},
@@ -102,9 +96,7 @@ class TrainConfig:
         if self.learning_rate <= 0 or self.max_steps < 1 or self.batch_size < 1:
             raise ValueError("`learning_rate`, `max_steps` and `batch_size` must be positive")
         if not self.target_modules and self.method != "prefix":
-            raise ValueError(
-                "`target_modules` is empty; name the linear layers to adapt, e.g. q_proj, v_proj"
-            )
+            raise ValueError("`target_modules` is empty; name the linear layers to adapt, e.g. q_proj, v_proj")
         if not self.name or "/" in self.name:
             raise ValueError(f"`name` {self.name!r} must be a non-empty name without `/`")
 
@@ -117,8 +109,7 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(
-                f"unknown training setting(s) {', '.join(f'`{k}`' for k in unknown)}; "
-                f"known: {', '.join(sorted(known))}"
+                f"unknown training setting(s) {', '.join(f'`{k}`' for k in unknown)}; known: {', '.join(sorted(known))}"
             )
         missing = [k for k in ("name", "train_file") if k not in data]
         if missing:
@@ -137,9 +128,7 @@ class TrainConfig:
         return cls.from_dict(data)
 
     def config_hash(self) -> str:
-        recipe = {
-            k: v for k, v in self.to_dict().items() if k not in ("run_dir", "publish", "parent_version")
-        }
+        recipe = {k: v for k, v in self.to_dict().items() if k not in ("run_dir", "publish", "parent_version")}
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -166,9 +155,7 @@ def read_chat_rows(path: Path) -> list[dict]:
             continue
         messages = json.loads(line)["messages"]
         if not messages or messages[-1]["role"] != "assistant":
-            raise TrainingError(
-                f"{path}:{line_no}: the last message must be the assistant's; curate the data first"
-            )
+            raise TrainingError(f"{path}:{line_no}: the last message must be the assistant's; curate the data first")
         rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
     if not rows:
         raise TrainingError(f"{path}: no training rows")
@@ -243,7 +230,9 @@ def train_adapter(
                 f"`{'train_file' if path == config.train_file else 'validation_file'}` {path} does not exist"
             )
     set_seed(config.seed)
-    run_dir = config.run_dir or var_dir / "runs" / f"{config.name}-{config.config_hash()}"
+    # Named by recipe and data: the same command after a kill resumes; new data at the same path does not.
+    data_hash = dataset_hash(config.train_file)[:8]
+    run_dir = config.run_dir or var_dir / "runs" / f"{config.name}-{config.config_hash()}-{data_hash}"
     checkpoints = run_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
@@ -251,9 +240,7 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = get_peft_model(load_base(base_path, config.method), peft_config(config))
     trainable, total = model.get_nb_trainable_parameters()
-    print(
-        f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})", file=sys.stderr, flush=True
-    )
+    print(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})", file=sys.stderr, flush=True)
 
     train_ds = Dataset.from_list(read_chat_rows(config.train_file))
     eval_ds = Dataset.from_list(read_chat_rows(config.validation_file)) if config.validation_file else None

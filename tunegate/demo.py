@@ -1,10 +1,11 @@
 """`make demo`: the loop on the embedded default, as far as it is built, saying what it does.
 
 Today that is: the database migrated; the embedded domain generated; the base model built (or
-reused) and served by vLLM; its knowledge measured on old facts and on the new facts of the drift
-event; the labelled examples of the new facts (what reviewers' corrections will supply) curated
-and turned into a LoRA adapter, registered, loaded into the running vLLM at runtime and measured
-against the base; a few live answers; a report with a plot under `var/demo/`.
+reused) and served by vLLM; the guardrails' risk calibrated; live traffic through the gateway
+(OpenAI SDK) in which the drift appears, the guardrails hold doubtful answers, simulated reviewers
+correct them from ground truth and held clients receive the reviewed answers; the drift's labelled
+examples plus the reviewed ones curated into a LoRA adapter, registered, loaded into the running
+vLLM at runtime and measured against the base; a report with a plot under `var/demo/`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,27 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _calibrate(settings: Settings, domain, out: Path) -> dict:
+    from guardrails.guard import calibration_path_for, fit_calibration
+    from guardrails.registry import build_detectors
+
+    rows = domain.grounding_rows()
+    calibration = fit_calibration(rows, build_detectors(settings.guardrails), source="embedded grounding set")
+    path = calibration.save(calibration_path_for(settings.guardrails, settings.var_dir))
+    return {"rows": len(rows), "threshold": calibration.threshold, "path": str(path)}
+
+
+def _reviewed_examples(settings: Settings) -> list[dict]:
+    """The review queue's approvals and corrections (dataset `reviewed`), as chat rows."""
+    from sqlalchemy import select
+
+    from tunegate.db import Dataset, Example, make_engine, session_factory
+
+    with session_factory(make_engine(settings.database_url))() as session:
+        query = select(Example.messages).join(Dataset).where(Dataset.name == "reviewed")
+        return [{"messages": messages} for messages in session.scalars(query)]
+
+
 def run_demo(settings: Settings, console: Console) -> dict:
     from transformers import AutoTokenizer
 
@@ -59,6 +81,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
     from training.sft import TrainConfig
     from training.workflow import train_and_register
     from tunegate.db import migrate
+    from tunegate.demo_traffic import live_traffic
     from tunegate.vllm import VllmServer, chat_greedy, free_port, load_adapter
 
     out = settings.var_dir / "demo"
@@ -90,36 +113,61 @@ def run_demo(settings: Settings, console: Console) -> dict:
         "build_seconds": build.build_seconds,
     }
 
-    console.rule("4. the drift's labelled examples: curate, then train a LoRA adapter")
-    raw = _write_jsonl(out / "data" / "labelled.jsonl", domain.drift_rows())
-    tokenizer = AutoTokenizer.from_pretrained(build.path)
-    heldout = [q for f in domain.facts for q in f.heldout_questions]
-    curated = curate([raw], out / "data" / "curated", CurationConfig(max_tokens=settings.vllm.max_model_len),
-                     tokenizer=tokenizer, test_texts=heldout)  # fmt: skip
+    console.rule("4. guardrails: calibrate the risk on the labelled grounding set")
+    calibration = _calibrate(settings, domain, out)
     console.print(
-        f"curated {curated.to_dict()['summary']['rows_in']} labelled rows into {curated.train_rows} train + "
-        f"{curated.validation_rows} validation (report: {out / 'data' / 'curated' / 'report.html'})"
+        f"fitted a logistic risk over the detectors on {calibration['rows']} labelled rows (threshold "
+        f"{calibration['threshold']:.2f}): {calibration['path']}"
     )
-    config = TrainConfig(
-        name="support",
-        train_file=out / "data" / "curated" / "train.jsonl",
-        validation_file=out / "data" / "curated" / "validation.jsonl",
-        max_steps=300,
-        eval_steps=50,
-    )
-    trained = train_and_register(settings, config, progress=True)
-    console.print(
-        f"trained adapter support {trained['version']}: {trained['trainable_params']:,} trainable parameters "
-        f"({trained['trainable_fraction']:.1%} of this tiny model), validation loss "
-        f"{trained['metrics'].get('eval_loss', float('nan')):.3f}; registered and recorded in the database"
-    )
-    report["adapter"] = trained
 
-    console.rule("5. serve base + adapter with vLLM, measure on held-out phrasings")
     name = settings.base_model.served_name
-    adapter_dir = settings.var_dir / "adapters" / "support" / trained["version"]
     with VllmServer(build.path, name, settings.vllm, port=free_port(),
                     log_path=settings.var_dir / "logs" / "vllm-demo.log") as server:  # fmt: skip
+        console.rule("5. live traffic through the gateway: the drift, held answers, reviewers")
+        traffic = live_traffic(settings, server.url, domain, out)
+        t = traffic.to_dict()
+        console.print(
+            f"{t['asked']} questions (20 about new tariffs, 10 about old) through the gateway with the OpenAI SDK: "
+            f"decisions {t['decisions']}. The base model got {t['wrong_answers']} wrong; the guardrails held "
+            f"{t['wrong_held']} of them (recall {t['hallucination_recall']}) and {t['right_held']} right ones. "
+            f"Simulated reviewers corrected {t['corrected']} and approved {t['approved']}; "
+            f"{t['delivered_after_review']} held clients then received the right answer; "
+            f"{t['examples']} reviewed examples are stored for training."
+        )
+        report["traffic"] = t
+
+        console.rule("6. the drift's labelled examples: curate, then train a LoRA adapter")
+        raw = _write_jsonl(out / "data" / "labelled.jsonl", domain.drift_rows())
+        reviewed = _write_jsonl(out / "data" / "reviewed.jsonl", _reviewed_examples(settings))
+        tokenizer = AutoTokenizer.from_pretrained(build.path)
+        heldout = [q for f in domain.facts for q in f.heldout_questions]
+        curated = curate([raw, reviewed], out / "data" / "curated",
+                         CurationConfig(max_tokens=settings.vllm.max_model_len), tokenizer=tokenizer,
+                         test_texts=heldout)  # fmt: skip
+        summary = curated.to_dict()
+        console.print(
+            f"curated {summary['summary']['rows_in']} labelled rows (generated + reviewed) into "
+            f"{curated.train_rows} train + {curated.validation_rows} validation; rejected "
+            f"{ {k: v for k, v in summary['rejected_by_rule'].items() if v} } "
+            f"(report: {out / 'data' / 'curated' / 'report.html'})"
+        )
+        config = TrainConfig(
+            name="support",
+            train_file=out / "data" / "curated" / "train.jsonl",
+            validation_file=out / "data" / "curated" / "validation.jsonl",
+            max_steps=300,
+            eval_steps=50,
+        )
+        trained = train_and_register(settings, config, progress=True)
+        console.print(
+            f"trained adapter support {trained['version']}: {trained['trainable_params']:,} trainable parameters "
+            f"({trained['trainable_fraction']:.1%} of this tiny model), validation loss "
+            f"{trained['metrics'].get('eval_loss', float('nan')):.3f}; registered and recorded in the database"
+        )
+        report["adapter"] = trained
+
+        console.rule("7. load the adapter into the running vLLM, measure on held-out phrasings")
+        adapter_dir = settings.adapters_dir / "support" / trained["version"]
         load_adapter(server.url, "support", adapter_dir.resolve())
         acc = {
             "base_old": fact_accuracy(server.url, name, domain.old_facts).accuracy,
@@ -146,8 +194,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
     (out / "report.json").write_text(json.dumps(report, indent=2))
     console.rule("done")
     console.print(
-        f"report: {out / 'report.json'}, plot: {out / 'knowledge.png'}. Not yet built (later issues): "
-        "the gateway with guardrails and human review, and the eval suite that decides when to retrain "
-        "and promote."
+        f"report: {out / 'report.json'}, plot: {out / 'knowledge.png'}. Not yet built (later issues): the "
+        "eval suite that scores traffic, detects the drift, files the training job, gates and promotes."
     )
     return report
