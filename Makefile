@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup test test-fast demo lint clean services
+.PHONY: setup test test-fast demo lint clean services bench-deps
 
 setup: $(STAMP) services
 
@@ -38,6 +38,12 @@ test-fast: setup
 demo: setup
 	$(VENV)/bin/tunegate db upgrade
 	$(VENV)/bin/tunegate demo
+
+# Only for `tunegate bench gateway`: Debian's hey, and LiteLLM's proxy in its own venv (its pins
+# would downgrade packages vLLM and transformers need).
+bench-deps: setup
+	command -v hey >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq hey)
+	test -x .venv-litellm/bin/litellm || ($(PYTHON) -m venv .venv-litellm && .venv-litellm/bin/pip install --quiet "litellm[proxy]")
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -57,6 +57,8 @@ OURS_ENV = {
     # measure the gateway's overhead, not its per-key limiter: lift the default limits
     "TUNEGATE_GATEWAY__REQUESTS_PER_MINUTE": "100000000",
     "TUNEGATE_GATEWAY__TOKENS_PER_MINUTE": "100000000000",
+    # the comparison is proxy against proxy: guardrails off (authentication, logging, metrics stay on)
+    "TUNEGATE_GUARDRAILS__ENABLED": "false",
 }
 LITELLM_SETTINGS = {
     "litellm_settings": {"drop_params": True, "set_verbose": False, "json_logs": True, "request_timeout": 600},
@@ -443,7 +445,9 @@ def litellm_version(litellm_bin: str) -> str | None:
 
 
 def find_litellm(explicit: str | None) -> str | None:
-    for candidate in (explicit, os.environ.get("LITELLM_BIN"), str(ROOT / ".venv" / "bin" / "litellm")):
+    candidates = (explicit, os.environ.get("LITELLM_BIN"), str(ROOT / ".venv-litellm" / "bin" / "litellm"),
+                  str(ROOT / ".venv" / "bin" / "litellm"))  # fmt: skip
+    for candidate in candidates:
         if candidate and Path(candidate).exists():
             return candidate
     return shutil.which("litellm")

@@ -323,6 +323,20 @@ def bench_lora(
         Console().print(f"plot: {out / 'lora_throughput.png'}")
 
 
+@bench_app.command("gateway", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_gateway(ctx: typer.Context, json_out: JsonOption = False) -> None:
+    """Gateway overhead against LiteLLM's proxy (mock upstream, `hey` at constant rates; about 4 minutes).
+
+    Needs `make bench-deps` (Debian's hey, LiteLLM in .venv-litellm). Other options go to
+    `python -m bench.gateway_overhead` (see its --help): --rates, --duration, --quiet-wait, ...
+    """
+    from bench.gateway_overhead import main as run_bench
+
+    result = run_bench(list(ctx.args))
+    if not json_out:
+        Console().print(f"plot: {result.get('plot')}")
+
+
 @app.command()
 def serve(
     config: ConfigOption = None,
