@@ -13,6 +13,50 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("TUNEGATE_TEST_MODELS_DIR", REPO / "var" / "models"))
 
 
+def postgres_server_urls() -> list[str]:
+    if url := os.environ.get("TUNEGATE_TEST_POSTGRES_URL"):
+        return [url]
+    return ["postgresql://root@127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test"]
+
+
+@pytest.fixture(scope="session")
+def postgres_database():
+    """A SQLAlchemy URL of a PostgreSQL database created for this test run, dropped afterwards."""
+    import uuid
+
+    import psycopg
+    import sqlalchemy as sa
+
+    errors = []
+    for server_url in postgres_server_urls():
+        try:
+            admin = psycopg.connect(server_url, autocommit=True, connect_timeout=5)
+            break
+        except psycopg.OperationalError as err:
+            errors.append(f"{server_url}: {err}".strip())
+    else:
+        pytest.skip("PostgreSQL is not reachable: " + "; ".join(errors))
+    name = f"tunegate_test_{uuid.uuid4().hex[:12]}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            url = sa.make_url(server_url).set(drivername="postgresql+psycopg", database=name)
+            yield url.render_as_string(hide_password=False)
+        finally:
+            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+def reset_postgres_schema(url: str) -> None:
+    """Start a test from an empty schema: the database is shared by the run's tests."""
+    from tunegate.db import make_engine
+
+    engine = make_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("DROP SCHEMA public CASCADE")
+        connection.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def base_model_dir() -> Path:
     from training.base_model import ensure_base_model

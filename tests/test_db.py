@@ -12,12 +12,10 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
-import psycopg
 import pytest
 import sqlalchemy as sa
 from alembic import command
@@ -43,45 +41,10 @@ from tunegate.db.models import (
 )
 from tunegate.db.session import make_engine, session_factory, session_scope
 
+from .conftest import reset_postgres_schema
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_TABLES = set(Base.metadata.tables)
-
-
-def postgres_server_urls() -> list[str]:
-    if url := os.environ.get("TUNEGATE_TEST_POSTGRES_URL"):
-        return [url]
-    return ["postgresql://root@127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test"]
-
-
-@pytest.fixture(scope="session")
-def postgres_database() -> Iterator[str]:
-    """A SQLAlchemy URL of a database created for this test run, dropped afterwards."""
-    errors = []
-    for server_url in postgres_server_urls():
-        try:
-            admin = psycopg.connect(server_url, autocommit=True, connect_timeout=5)
-            break
-        except psycopg.OperationalError as err:
-            errors.append(f"{server_url}: {err}".strip())
-    else:
-        pytest.skip("PostgreSQL is not reachable: " + "; ".join(errors))
-    name = f"tunegate_test_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = sa.make_url(server_url).set(drivername="postgresql+psycopg", database=name)
-            yield url.render_as_string(hide_password=False)
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
-def reset_postgres_schema(url: str) -> None:
-    # One database per run, so a test that failed half-way must not leave tables for the next one.
-    engine = make_engine(url)
-    with engine.begin() as connection:
-        connection.exec_driver_sql("DROP SCHEMA public CASCADE")
-        connection.exec_driver_sql("CREATE SCHEMA public")
-    engine.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

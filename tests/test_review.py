@@ -10,17 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import psycopg
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import select
 
 from gateway.errors import InvalidRequest
@@ -42,6 +38,8 @@ from tunegate.keys import create_key
 from tunegate.settings import ReviewSettings, load_settings
 from tunegate.vllm import free_port
 
+from .conftest import reset_postgres_schema
+
 ANSWER = "T896 is available in Leeds and York."
 QUESTION = "Where is T896 available?"
 CONTEXT = "Tariff T896 is available in Leeds only."
@@ -50,42 +48,14 @@ CONTEXT = "Tariff T896 is available in Leeds only."
 # --- databases ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def postgres_url() -> Iterator[str]:
-    """A database of this module's own on the PostgreSQL server, dropped afterwards."""
-    servers = [os.environ["TUNEGATE_TEST_POSTGRES_URL"]] if "TUNEGATE_TEST_POSTGRES_URL" in os.environ else []
-    servers += ["postgresql://root@127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test"]
-    errors = []
-    for server in servers:
-        try:
-            admin = psycopg.connect(server, autocommit=True, connect_timeout=5)
-            break
-        except psycopg.OperationalError as err:
-            errors.append(f"{server}: {err}".strip())
-    else:
-        pytest.skip("PostgreSQL is not reachable: " + "; ".join(errors))
-    name = f"tunegate_review_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        try:
-            url = sa.make_url(server).set(drivername="postgresql+psycopg", database=name)
-            yield url.render_as_string(hide_password=False)
-        finally:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     """A database migrated to head, empty, on each backend."""
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'review.db'}"
     else:
-        url = request.getfixturevalue("postgres_url")
-        engine = make_engine(url)
-        with engine.begin() as connection:  # one database per module: start every test from nothing
-            connection.exec_driver_sql("DROP SCHEMA public CASCADE")
-            connection.exec_driver_sql("CREATE SCHEMA public")
-        engine.dispose()
+        url = request.getfixturevalue("postgres_database")
+        reset_postgres_schema(url)
     upgrade(url)
     return url
 
