@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -94,6 +95,10 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         services = build_services(settings, transport)
+        # Everything built so far (torch, transformers, the detectors' models) lives as long as the
+        # process: move it out of the collector's sight, so full collections stay short pauses.
+        gc.collect()
+        gc.freeze()
         services.metrics.watch_review_queue(_review_queue_depth(services))
         services.traffic.start()
         app.state.services = services

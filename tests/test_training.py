@@ -182,3 +182,41 @@ def test_vllm_and_peft_answer_alike(tmp_path, base_model_dir, small_data, vllm_s
     # the adapter changed something: it is not the base model answering
     base = chat_greedy(vllm_server.url, "base", conversations[:20], max_tokens=16)
     assert served[:20] != base
+
+
+def _cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TUNEGATE_")} | {"TUNEGATE_VAR_DIR": str(tmp_path)}
+    return subprocess.run([sys.executable, "-m", "tunegate.cli", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_data_curate_cli_writes_the_set_and_its_report(tmp_path, base_model_dir):
+    domain = Domain()
+    rows = domain.qa_examples(domain.new_facts[:10])
+    raw = tmp_path / "raw.jsonl"
+    raw.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows + rows[:3]) + "not json\n")
+    test_set = tmp_path / "test.jsonl"
+    test_set.write_text(json.dumps({"question": rows[0]["messages"][0]["content"]}) + "\n")
+    proc = _cli(tmp_path, "data", "curate", str(raw), "--out", str(tmp_path / "out"), "--tokenizer",
+                str(base_model_dir), "--test-set", str(test_set), "--json")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout)
+    assert report["rejected_by_rule"]["json"] == 1 and report["rejected_by_rule"]["exact_duplicate"] == 3
+    assert report["rejected_by_rule"]["contamination"] == 1 and report["summary"]["kept"] == 39
+    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "train.jsonl").exists()
+    missing = _cli(tmp_path, "data", "curate", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o2"))
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+@pytest.mark.slow
+def test_adapters_cli_lists_and_shows(tmp_path, base_model_dir, small_data):
+    from training.workflow import train_and_register
+
+    settings = settings_for(tmp_path, base_model_dir)
+    train_and_register(settings, TrainConfig(name="cli", train_file=small_data[0], max_steps=2, batch_size=16),
+                       progress=False)  # fmt: skip
+    listed = json.loads(_cli(tmp_path / "var", "adapters", "list", "--json").stdout)
+    assert [(m["name"], m["version"], m["servable"]) for m in listed] == [("cli", "v1", True)]
+    shown = _cli(tmp_path / "var", "adapters", "show", "cli")
+    assert json.loads(shown.stdout)["config_hash"] == listed[0]["config_hash"]
+    assert _cli(tmp_path / "var", "adapters", "show", "nope").returncode == 2
