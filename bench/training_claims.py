@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from training.domain import ATTRIBUTE_BY_NAME, Domain
+from tunegate.jsonl import write_jsonl
 
 NOISY_ROWS = 5000
 STALE_FACT_SHARE = 0.25  # facts whose copies in the noisy set carry a consistent wrong value
@@ -98,12 +99,6 @@ def trainable_fractions() -> dict[str, float]:
     return out
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 def run(out: Path, var_dir: Path, models_dir: Path, max_steps: int = 300, batch_size: int = 32) -> dict:
     from transformers import AutoTokenizer
 
@@ -122,7 +117,7 @@ def run(out: Path, var_dir: Path, models_dir: Path, max_steps: int = 300, batch_
 
     # The curated set goes through the curation pipeline (which keeps test questions out); the
     # noisy set is taken as it comes, the way a large scraped collection usually is.
-    raw_curated = _write_jsonl(out / "data" / "curated_raw.jsonl", domain.drift_rows())
+    raw_curated = write_jsonl(out / "data" / "curated_raw.jsonl", domain.drift_rows())
     report = curate(
         [raw_curated],
         out / "data" / "curated",
@@ -130,7 +125,7 @@ def run(out: Path, var_dir: Path, models_dir: Path, max_steps: int = 300, batch_
         tokenizer=tokenizer,
         test_texts=test_questions,
     )
-    noisy = _write_jsonl(out / "data" / "noisy.jsonl", noisy_rows(domain))
+    noisy = write_jsonl(out / "data" / "noisy.jsonl", noisy_rows(domain))
 
     budget = {"max_steps": max_steps, "batch_size": batch_size, "early_stopping_patience": 0}
     runs = {

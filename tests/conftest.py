@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tunegate.serve import ServerThread  # noqa: F401 - the tests' way to serve an app on a real port
+
 REPO = Path(__file__).resolve().parents[1]
 # The same cache `make demo` uses, so neither builds the model twice on one machine.
 MODELS_DIR = Path(os.environ.get("TUNEGATE_TEST_MODELS_DIR", REPO / "var" / "models"))
@@ -73,39 +75,3 @@ def vllm_server(base_model_dir, tmp_path_factory):
     server = VllmServer(base_model_dir, "base", VllmSettings(), port=free_port(), log_path=log)
     with server:
         yield server
-
-
-class ServerThread:
-    """An ASGI app served by uvicorn on a free port in a background thread (real HTTP for real clients)."""
-
-    def __init__(self, app) -> None:
-        import threading
-
-        import uvicorn
-
-        from tunegate.vllm import free_port
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

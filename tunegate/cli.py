@@ -49,6 +49,14 @@ def fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def emit(result: dict | list, json_out: bool) -> None:
+    """A command's result: one JSON object on stdout with `--json`, else pretty JSON for a person."""
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print_json(json.dumps(result))
+
+
 def settings_or_exit(config: Path | None) -> Settings:
     try:
         return load_settings(config)
@@ -112,6 +120,7 @@ def domain_export(
 ) -> None:
     """Write the embedded domain: facts, knowledge base, training/held-out questions, grounding set."""
     from training.domain import Domain
+    from tunegate.jsonl import write_jsonl
 
     settings_or_exit(config)
     domain = Domain()
@@ -126,7 +135,7 @@ def domain_export(
         "grounding.jsonl": domain.grounding_rows(),
     }
     for name, rows in files.items():
-        (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(out / name, rows)
     table = Table("file", "rows")
     for name, rows in files.items():
         table.add_row(str(out / name), str(len(rows)))
@@ -227,10 +236,7 @@ def train(
         result = train_and_register(settings, cfg, progress=not json_out)
     except TrainingError as err:
         raise fail(str(err)) from None
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print_json(json.dumps(result))
+    emit(result, json_out)
 
 
 @adapters_app.command("list")
@@ -283,10 +289,8 @@ def bench_training(
     settings = settings_or_exit(config)
     out.mkdir(parents=True, exist_ok=True)
     result = run(out, settings.var_dir, settings.models_dir, max_steps=steps)
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print_json(json.dumps(result))
+    emit(result, json_out)
+    if not json_out:
         Console().print(f"plot: {out / 'training_claims.png'}")
 
 
@@ -316,10 +320,8 @@ def bench_lora(
         max_tokens=max_tokens,
         rounds=rounds,
     )
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print_json(json.dumps(result))
+    emit(result, json_out)
+    if not json_out:
         Console().print(f"plot: {out / 'lora_throughput.png'}")
 
 
@@ -490,10 +492,7 @@ def guard_calibrate(
         "unseen": calibration.unseen,
         "dropped": calibration.dropped,
     }
-    if json_out:
-        typer.echo(json.dumps(summary))
-    else:
-        Console().print_json(json.dumps(summary))
+    emit(summary, json_out)
 
 
 @bench_app.command("guard")
@@ -529,10 +528,8 @@ def bench_guard(
         )
     except CalibrationError as err:
         raise fail(str(err)) from None
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print_json(json.dumps(result))
+    emit(result, json_out)
+    if not json_out:
         Console().print(f"plot: {result['plot']}")
 
 

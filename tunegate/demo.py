@@ -17,6 +17,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tunegate.jsonl import write_jsonl
 from tunegate.settings import Settings
 
 
@@ -42,12 +43,6 @@ def _plot(acc: dict[str, float], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def _calibrate(settings: Settings, domain, out: Path) -> dict:
@@ -137,8 +132,8 @@ def run_demo(settings: Settings, console: Console) -> dict:
         report["traffic"] = t
 
         console.rule("6. the drift's labelled examples: curate, then train a LoRA adapter")
-        raw = _write_jsonl(out / "data" / "labelled.jsonl", domain.drift_rows())
-        reviewed = _write_jsonl(out / "data" / "reviewed.jsonl", _reviewed_examples(settings))
+        raw = write_jsonl(out / "data" / "labelled.jsonl", domain.drift_rows())
+        reviewed = write_jsonl(out / "data" / "reviewed.jsonl", _reviewed_examples(settings))
         tokenizer = AutoTokenizer.from_pretrained(build.path)
         heldout = [q for f in domain.facts for q in f.heldout_questions]
         curated = curate([raw, reviewed], out / "data" / "curated",

@@ -10,8 +10,6 @@ of the composition layer (the CLI and the demo), which is the one place allowed 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +17,10 @@ import httpx
 
 from training.domain import Domain
 from tunegate.db import make_engine, session_factory, session_scope
+from tunegate.jsonl import write_jsonl
 from tunegate.keys import create_key
+from tunegate.serve import ServerThread
 from tunegate.settings import Settings
-from tunegate.vllm import free_port
 
 
 @dataclass
@@ -42,39 +41,11 @@ class TrafficReport:
         }
 
 
-class _Gateway:
-    """The gateway app on a free port in a background thread, for the demo's duration."""
-
-    def __init__(self, settings: Settings) -> None:
-        import uvicorn
-
-        from gateway.app import create_app
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> _Gateway:
-        self.thread.start()
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("the demo gateway did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True  # graceful: the traffic log is drained before the thread ends
-        self.thread.join(timeout=60)
-
-
 def live_traffic(settings: Settings, vllm_url: str, domain: Domain, out: Path, n_new: int = 20, n_old: int = 10):
     """Send questions about new (drift) and old tariffs through the gateway; review what it holds."""
     import openai
 
-    kb = out / "knowledge_base.jsonl"
-    kb.write_text("".join(json.dumps({"text": p}) + "\n" for p in domain.knowledge_base.values()))
+    kb = write_jsonl(out / "knowledge_base.jsonl", ({"text": p} for p in domain.knowledge_base.values()))
     data = settings.model_dump()
     data["vllm"]["url"] = vllm_url
     data["review"]["sample_rate"] = 0.0
@@ -94,7 +65,9 @@ def live_traffic(settings: Settings, vllm_url: str, domain: Domain, out: Path, n
     decisions: dict[str, int] = {}
     held: dict[str, str] = {}  # review id -> question
     wrong = wrong_held = right_held = 0
-    with _Gateway(demo_settings) as gw:
+    from gateway.app import create_app
+
+    with ServerThread(create_app(demo_settings)) as gw:
         client = openai.OpenAI(base_url=gw.url + "/v1", api_key=app_key, max_retries=0)
         for fact in facts:
             question = fact.train_questions[0]  # live traffic may become training data: never a test question

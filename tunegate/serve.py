@@ -16,7 +16,43 @@ from rich.console import Console
 
 from tunegate.db import migrate
 from tunegate.settings import Settings
-from tunegate.vllm import VllmServer
+from tunegate.vllm import VllmServer, free_port
+
+
+class ServerThread:
+    """An ASGI app served by uvicorn on a free port in a background thread of this process (the demo's
+    gateway, and the tests' servers): real HTTP for real clients, stopped gracefully on exit."""
+
+    def __init__(self, app, start_timeout_s: float = 30.0) -> None:
+        import threading
+
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.start_timeout_s = start_timeout_s
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError(f"the server on port {self.port} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True  # graceful: lifespan exit runs (the traffic log is drained)
+        self.thread.join(timeout=60)
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 class _Stopped(Exception):
