@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from guardrails.text import json_lines
 from guardrails.types import DetectorResult
 
 VERSION = 1
@@ -300,13 +301,7 @@ _VERDICT_LABELS = {"approve": False, "approved": False, "reject": True, "rejecte
 def read_labelled(path: str | Path) -> list[dict[str, Any]]:
     """Rows `{knowledge, question, answer, hallucinated}` from a JSONL file (HaluEval QA's format)."""
     rows = []
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise CalibrationError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+    for lineno, row in json_lines(path, CalibrationError):
         missing = [k for k in ("question", "answer", "hallucinated") if k not in row]
         if missing:
             raise CalibrationError(

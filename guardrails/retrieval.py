@@ -8,13 +8,12 @@ scipy and scikit-learn.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from guardrails.text import content_words
+from guardrails.text import content_words, json_lines
 
 
 def _terms(text: str) -> list[str]:
@@ -55,13 +54,7 @@ class KnowledgeBase:
     @classmethod
     def from_jsonl(cls, path: str | Path, field: str = "text") -> KnowledgeBase:
         passages = []
-        for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not JSON ({err.msg})") from None
+        for lineno, row in json_lines(path):
             text = row.get(field, row.get("passage")) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: no `{field}` string field (one passage a line, `text`)")
