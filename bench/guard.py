@@ -87,10 +87,10 @@ def run(
     import numpy as np
     import torch
 
+    from core.settings import GuardrailSettings
     from guardrails.calibration import Calibration, DefaultCombination, feature_vector, read_labelled
     from guardrails.guard import Guard, check_input, fit_calibration
     from guardrails.registry import build_detectors
-    from tunegate.settings import GuardrailSettings
 
     torch.set_num_threads(threads)
     settings = settings or GuardrailSettings()

@@ -120,7 +120,7 @@ async def _run_setting(
 
 def _first_answers(url: str, models: list[str], messages: list[dict], max_tokens: int) -> dict[str, str]:
     """One greedy answer per model to the same question: do the adapters change what is computed?"""
-    from tunegate.vllm import chat_greedy
+    from core.vllm import chat_greedy
 
     return {m: chat_greedy(url, m, [messages], max_tokens=max_tokens, concurrency=1)[0] for m in models}
 
@@ -156,9 +156,10 @@ def run(
     rounds: int = 2,
 ) -> dict:
     """Measure; `requests` per setting are split over `rounds` interleaved rounds (base, 1, 4, 8)."""
+    from core.io import free_port
+    from core.settings import VllmSettings
+    from core.vllm import VllmServer, load_adapter
     from training.base_model import ensure_base_model
-    from tunegate.settings import VllmSettings
-    from tunegate.vllm import VllmServer, free_port, load_adapter
 
     started = time.perf_counter()
     n_adapters = max(ADAPTER_COUNTS)

@@ -19,8 +19,8 @@ import shutil
 import time
 from pathlib import Path
 
+from core.io import write_jsonl
 from training.domain import ATTRIBUTE_BY_NAME, Domain
-from tunegate.jsonl import write_jsonl
 
 NOISY_ROWS = 5000
 STALE_FACT_SHARE = 0.25  # facts whose copies in the noisy set carry a consistent wrong value
@@ -102,11 +102,12 @@ def trainable_fractions() -> dict[str, float]:
 def run(out: Path, var_dir: Path, models_dir: Path, max_steps: int = 300, batch_size: int = 32) -> dict:
     from transformers import AutoTokenizer
 
+    from core.io import free_port
+    from core.vllm import VllmServer, load_adapter
     from training.base_model import ensure_base_model
     from training.curation import CurationConfig, curate
     from training.fact_eval import fact_accuracy
     from training.sft import TrainConfig, train_adapter
-    from tunegate.vllm import VllmServer, free_port, load_adapter
 
     started = time.perf_counter()
     shutil.rmtree(var_dir / "bench", ignore_errors=True)  # a fresh measurement, never a resumed one

@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
+from core.db import ReviewItem, make_engine, session_factory
+from core.settings import Settings, get_settings
 from gateway.deps import MetricsAccess, Services, Svc
 from gateway.errors import install_error_handlers
 from gateway.guarding import GuardService
@@ -31,8 +33,6 @@ from gateway.review.service import ReviewService
 from gateway.routing import AdapterManager, Router
 from gateway.traffic import TrafficLog, purge_expired
 from gateway.upstream import Upstream
-from tunegate.db import ReviewItem, make_engine, session_factory
-from tunegate.settings import Settings, get_settings
 
 log = logging.getLogger("tunegate.gateway")
 RETENTION_EVERY_S = 3600

@@ -15,6 +15,8 @@ from typing import Annotated
 from fastapi import Depends, Header, Request
 from sqlalchemy.orm import sessionmaker
 
+from core.keys import Principal, hash_key, lookup
+from core.settings import Settings
 from gateway.errors import Forbidden, Unauthenticated
 from gateway.guarding import GuardService
 from gateway.limits import RateLimiter
@@ -23,8 +25,6 @@ from gateway.review.service import ReviewService
 from gateway.routing import AdapterManager, Router
 from gateway.traffic import TrafficLog
 from gateway.upstream import Upstream
-from tunegate.keys import Principal, hash_key, lookup
-from tunegate.settings import Settings
 
 
 @dataclass

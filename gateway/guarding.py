@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from core.settings import PolicySettings, Settings
 from guardrails.guard import Guard, calibration_path_for
 from guardrails.policy import decide
 from guardrails.retrieval import KnowledgeBase
 from guardrails.types import CheckInput, DetectorResult
-from tunegate.settings import PolicySettings, Settings
 
 
 @dataclass

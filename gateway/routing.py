@@ -21,11 +21,11 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
+from core.db import Adapter
+from core.settings import RouteTarget, Settings
 from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
-from tunegate.db import Adapter
-from tunegate.settings import RouteTarget, Settings
 
 RESOLVE_TTL_S = 5.0
 

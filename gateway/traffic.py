@@ -17,10 +17,10 @@ from datetime import timedelta
 from sqlalchemy import delete, exists, insert, select
 from sqlalchemy.orm import sessionmaker
 
+from core.db import Example, Request, ReviewItem, utcnow
+from core.settings import GatewaySettings
 from gateway.metrics import Metrics
 from guardrails.pii import scrub
-from tunegate.db import Example, Request, ReviewItem, utcnow
-from tunegate.settings import GatewaySettings
 
 log = logging.getLogger("tunegate.traffic")
 TEXT_FIELDS = ("prompt_text", "answer_text")

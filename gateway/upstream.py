@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
+from core.settings import GatewaySettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
-from tunegate.settings import GatewaySettings
 
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 

@@ -1,11 +1,11 @@
 """Guardrails: hallucination detectors (pure functions of request, answer, context, logprobs and
 samples to scores), one calibrated risk, and the policy mapping it to allow / annotate / hold / block.
-May import `tunegate.settings` only (of tunegate's own packages).
+May import `core` only (of tunegate's own packages).
 
 Public API (import from the submodules; this package imports nothing heavy on its own):
 - `guardrails.types`: `CheckInput`, `DetectorResult`
 - `guardrails.registry`: `build_detectors(settings) -> {name: detector}`, `default_registry()`
-- `guardrails.guard`: `Guard(settings, calibration_path).check(CheckInput) -> Verdict`
+- `guardrails.guard`: `Guard(settings, calibration_path).check(CheckInput) -> RiskReport`
 - `guardrails.calibration`: `Calibration` (fit / save / load / risk), `DefaultCombination`,
   `rows_from_reviews`
 - `guardrails.policy`: `decide(risk, PolicySettings) -> "allow" | "annotate" | "hold" | "block"`

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from guardrails.text import json_lines
+from core.io import read_jsonl
 from guardrails.types import DetectorResult
 
 VERSION = 1
@@ -301,7 +301,7 @@ _VERDICT_LABELS = {"approve": False, "approved": False, "reject": True, "rejecte
 def read_labelled(path: str | Path) -> list[dict[str, Any]]:
     """Rows `{knowledge, question, answer, hallucinated}` from a JSONL file (HaluEval QA's format)."""
     rows = []
-    for lineno, row in json_lines(path, CalibrationError):
+    for lineno, row in read_jsonl(path, CalibrationError):
         missing = [k for k in ("question", "answer", "hallucinated") if k not in row]
         if missing:
             raise CalibrationError(

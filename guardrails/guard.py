@@ -1,8 +1,8 @@
 """The guard: run the configured detectors on one answer and combine them into one calibrated risk.
 
 Owns `Guard` (detectors from the registry, the risk model from a calibration file or the documented
-default combination) and `Verdict` (risk, per-detector results, time taken). It decides nothing: the
-route's policy (`guardrails.policy.decide`) maps the risk to an action. Imports `tunegate.settings` and
+default combination) and `RiskReport` (risk, per-detector results, time taken). It decides nothing: the
+route's policy (`guardrails.policy.decide`) maps the risk to an action. Imports `core.settings` and
 `guardrails.*`.
 
 A detector that raises does not fail the check: its result is "unknown" with the error as evidence,
@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.settings import GuardrailSettings
 from guardrails.calibration import Calibration, DefaultCombination, RiskModel
 from guardrails.registry import build_detectors
 from guardrails.types import CheckInput, Detector, DetectorResult
-from tunegate.settings import GuardrailSettings
 
 
 def calibration_path_for(settings: GuardrailSettings, var_dir: str | Path) -> Path:
@@ -31,7 +31,7 @@ def calibration_path_for(settings: GuardrailSettings, var_dir: str | Path) -> Pa
 
 
 @dataclass(frozen=True)
-class Verdict:
+class RiskReport:
     """The risk in [0, 1], what each detector found, and how long the whole check took."""
 
     risk: float
@@ -55,7 +55,7 @@ class Verdict:
 
 
 class Guard:
-    """`Guard(settings, calibration_path).check(CheckInput) -> Verdict`."""
+    """`Guard(settings, calibration_path).check(CheckInput) -> RiskReport`."""
 
     def __init__(
         self,
@@ -89,11 +89,11 @@ class Guard:
             results[name] = result
         return results
 
-    def check(self, inp: CheckInput) -> Verdict:
+    def check(self, inp: CheckInput) -> RiskReport:
         start = time.perf_counter()
         results = self.run_detectors(inp)
         risk = self.risk_model.risk(results)
-        return Verdict(risk, results, (time.perf_counter() - start) * 1000)
+        return RiskReport(risk, results, (time.perf_counter() - start) * 1000)
 
 
 def check_input(row: Mapping[str, Any]) -> CheckInput:

@@ -1,18 +1,15 @@
 """The policy: one calibrated risk -> allow / annotate / hold / block.
 
 Owns the mapping only (the thresholds live in `PolicySettings`, per route or guardrail-wide). Imports
-`tunegate.settings`.
+`core.settings` and `core.vocab`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-from tunegate.settings import PolicySettings
-
-Decision = Literal["allow", "annotate", "hold", "block"]
-DECISIONS: tuple[Decision, ...] = ("allow", "annotate", "hold", "block")
+from core.settings import PolicySettings
+from core.vocab import Decision
 
 
 def decide(risk: float, policy: PolicySettings) -> Decision:
@@ -24,9 +21,9 @@ def decide(risk: float, policy: PolicySettings) -> Decision:
     if not 0.0 <= risk <= 1.0:
         raise ValueError(f"`risk` must lie in [0, 1], got {risk}")
     if risk >= policy.block_at:
-        return "block"
+        return Decision.BLOCK
     if risk >= policy.hold_at:
-        return "hold"
+        return Decision.HOLD
     if risk >= policy.annotate_at:
-        return "annotate"
-    return "allow"
+        return Decision.ANNOTATE
+    return Decision.ALLOW

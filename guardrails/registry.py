@@ -2,7 +2,7 @@
 
 Owns the names the settings use (`guardrails.detectors`) and how each detector is built from
 `GuardrailSettings`. Registering a name twice is an error; nothing registers itself on import, and
-heavy detectors (models, clients) import their libraries only when built. Imports `tunegate.settings`
+heavy detectors (models, clients) import their libraries only when built. Imports `core.settings`
 and `guardrails.types` (detector modules lazily).
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from core.settings import GuardrailSettings
 from guardrails.types import Detector
-from tunegate.settings import GuardrailSettings
 
 Factory = Callable[[GuardrailSettings], Detector]
 

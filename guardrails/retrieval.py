@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guardrails.text import content_words, json_lines
+from core.io import read_jsonl
+from guardrails.text import content_words
 
 
 def _terms(text: str) -> list[str]:
@@ -54,7 +55,7 @@ class KnowledgeBase:
     @classmethod
     def from_jsonl(cls, path: str | Path, field: str = "text") -> KnowledgeBase:
         passages = []
-        for lineno, row in json_lines(path):
+        for lineno, row in read_jsonl(path):
             text = row.get(field, row.get("passage")) if isinstance(row, dict) else None
             if not isinstance(text, str):
                 raise ValueError(f"{path}:{lineno}: no `{field}` string field (one passage a line, `text`)")

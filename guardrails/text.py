@@ -6,13 +6,10 @@ grounding, consistency and retrieval. Pure functions of strings; imports the sta
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 # A compact English stop-word list: function words, auxiliaries, question words and fillers. Words
 # that carry meaning in an answer ("not", "no", "never", numbers) are deliberately absent.
@@ -188,15 +185,3 @@ def entities(text: str) -> list[tuple[str, int, int]]:
         if span and not span.isdigit() and normalise(span) not in _KNOWN_UNITS:
             out.append((span, start, start + len(span)))
     return out
-
-
-def json_lines(path: str | Path, error: type[ValueError] = ValueError) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object) of each non-blank line of a JSONL file; a bad line raises `error`
-    naming the file and line."""
-    for lineno, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield lineno, json.loads(line)
-        except json.JSONDecodeError as err:
-            raise error(f"{path}:{lineno}: not JSON ({err.msg})") from None

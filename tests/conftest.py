@@ -50,7 +50,7 @@ def postgres_database():
 
 def reset_postgres_schema(url: str) -> None:
     """Start a test from an empty schema: the database is shared by the run's tests."""
-    from tunegate.db import make_engine
+    from core.db import make_engine
 
     engine = make_engine(url)
     with engine.begin() as connection:
@@ -68,8 +68,9 @@ def base_model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def vllm_server(base_model_dir, tmp_path_factory):
-    from tunegate.settings import VllmSettings
-    from tunegate.vllm import VllmServer, free_port
+    from core.io import free_port
+    from core.settings import VllmSettings
+    from core.vllm import VllmServer
 
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     server = VllmServer(base_model_dir, "base", VllmSettings(), port=free_port(), log_path=log)

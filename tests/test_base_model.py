@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from core.vllm import chat_greedy
 from training.base_model import (
     IGNORE_INDEX,
     BaseModelConfig,
@@ -18,7 +19,6 @@ from training.base_model import (
 )
 from training.domain import Domain
 from training.fact_eval import fact_accuracy, normalise
-from tunegate.vllm import chat_greedy
 
 from .conftest import MODELS_DIR, REPO
 

@@ -21,8 +21,8 @@ import sqlalchemy as sa
 from alembic import command
 from sqlalchemy.orm import Session, sessionmaker
 
-from tunegate.db import jobs, migrate
-from tunegate.db.models import (
+from core.db import jobs, migrate
+from core.db.models import (
     Adapter,
     Alias,
     AliasTarget,
@@ -39,7 +39,7 @@ from tunegate.db.models import (
     ReviewItem,
     utcnow,
 )
-from tunegate.db.session import make_engine, session_factory, session_scope
+from core.db.session import make_engine, session_factory, session_scope
 
 from .conftest import reset_postgres_schema
 
@@ -52,7 +52,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database on each backend."""
     if request.param == "sqlite":
         # A folder that does not exist yet: make_engine must create it.
-        return f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
+        return f"sqlite:///{tmp_path / 'var' / 'core.db'}"
     url = request.getfixturevalue("postgres_database")
     reset_postgres_schema(url)
     return url
@@ -120,7 +120,7 @@ def test_env_migrates_through_a_connection_the_caller_provides(db_url: str) -> N
 def test_alembic_command_line_works_from_any_directory(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'cli.db'}"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"TUNEGATE_DATABASE__URL": url}
-    ini = REPO_ROOT / "tunegate" / "migrations" / "alembic.ini"
+    ini = REPO_ROOT / "core" / "migrations" / "alembic.ini"
     subprocess.run(
         [sys.executable, "-m", "alembic", "-c", str(ini), "upgrade", "head"],
         cwd=tmp_path,

@@ -11,12 +11,12 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
+from core.db import Request, make_engine, session_factory, session_scope, upgrade
+from core.keys import create_key
+from core.settings import load_settings
 from training.domain import Domain
 from training.sft import TrainConfig
 from training.workflow import train_and_register
-from tunegate.db import Request, make_engine, session_factory, session_scope, upgrade
-from tunegate.keys import create_key
-from tunegate.settings import load_settings
 
 from .conftest import ServerThread
 
@@ -178,7 +178,7 @@ def test_keys_and_roles(env):
     assert admin.status_code == 200
     revoked = {"Authorization": f"Bearer {env['keys']['revoked']}"}
     assert httpx.post(url, json=body, headers=revoked).status_code == 200
-    from tunegate.keys import revoke
+    from core.keys import revoke
 
     with session_scope(session_factory(make_engine(env["settings"].database_url))) as session:
         assert revoke(session, "to-revoke") == 1
@@ -194,7 +194,7 @@ def test_rate_limit_answers_429_with_retry_after(env):
 
 
 def _adapter_rows(env) -> dict[str, int]:
-    from tunegate.db import Adapter
+    from core.db import Adapter
 
     with session_factory(make_engine(env["settings"].database_url))() as session:
         return {f"v{a.version}": a.id for a in session.scalars(select(Adapter))}

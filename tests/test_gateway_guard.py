@@ -10,10 +10,10 @@ import httpx
 import openai
 import pytest
 
+from core.db import make_engine, session_factory, session_scope, upgrade
+from core.keys import create_key
+from core.settings import load_settings
 from training.domain import Domain
-from tunegate.db import make_engine, session_factory, session_scope, upgrade
-from tunegate.keys import create_key
-from tunegate.settings import load_settings
 
 from .conftest import ServerThread
 

@@ -16,13 +16,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from core.db import Request, ReviewItem, make_engine, session_factory, upgrade, utcnow
+from core.settings import GatewaySettings, RouteTarget, load_settings
 from gateway.errors import RateLimited
 from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.routing import pick_target, sticky_fraction
 from gateway.traffic import TrafficLog, purge_expired
-from tunegate.db import Request, ReviewItem, make_engine, session_factory, upgrade, utcnow
-from tunegate.settings import GatewaySettings, RouteTarget, load_settings
 
 from .conftest import REPO
 
@@ -37,7 +37,7 @@ def test_canary_weights_and_stickiness():
 
 
 def test_route_settings_are_validated():
-    from tunegate.settings import SettingsError
+    from core.settings import SettingsError
 
     with pytest.raises(SettingsError, match="weights"):
         load_settings(None, routes={"x": {"targets": [{"adapter": "a", "weight": 0}]}})
@@ -190,7 +190,7 @@ def test_keys_cli_create_list_revoke(tmp_path):
 def test_serve_stops_cleanly_on_sigterm_and_keeps_its_log(tmp_path):
     """`tunegate serve` against an unreachable vLLM: it still serves (503s), and SIGTERM ends it with
     code 0 after writing every traffic-log row."""
-    from tunegate.vllm import free_port
+    from core.io import free_port
 
     key = json.loads(tunegate(tmp_path, "keys", "create", "app", "--json").stdout)["key"]
     port, dead = free_port(), free_port()

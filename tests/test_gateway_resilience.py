@@ -16,12 +16,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
+from core.db import Request as LoggedRequest
+from core.db import make_engine, session_factory, session_scope, upgrade
+from core.io import free_port
+from core.keys import create_key
+from core.settings import load_settings
 from gateway.app import create_app
-from tunegate.db import Request as LoggedRequest
-from tunegate.db import make_engine, session_factory, session_scope, upgrade
-from tunegate.keys import create_key
-from tunegate.settings import load_settings
-from tunegate.vllm import free_port
 
 from .conftest import ServerThread
 

@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from core.settings import GuardrailSettings, PolicySettings
 from guardrails.calibration import (
     Calibration,
     CalibrationError,
@@ -28,7 +29,6 @@ from guardrails.registry import Registry, RegistryError, build_detectors, defaul
 from guardrails.retrieval import KnowledgeBase
 from guardrails.text import numbers, sentences, stem
 from guardrails.types import CheckInput, DetectorResult
-from tunegate.settings import GuardrailSettings, PolicySettings
 
 CONTEXT = (
     "Tariff T417 is offered in the Northvale region. Tariff T417 has a monthly standing charge of 12.40 EUR. "
@@ -443,20 +443,3 @@ def test_guard_calibrate_and_bench_guard_commands(tmp_path, grounding_rows):
 
     missing = runner.invoke(app, ["guard", "calibrate", "--data", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2
-
-
-def test_guardrails_imports_nothing_of_ours_but_tunegate_settings():
-    import ast
-    from pathlib import Path
-
-    ours = {"tunegate", "gateway", "training", "evalsuite", "bench", "tests"}
-    for path in Path(__file__).resolve().parents[1].joinpath("guardrails").rglob("*.py"):
-        tree = ast.parse(path.read_text())
-        assert ast.get_docstring(tree), f"{path} has no module docstring"
-        for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names = [node.module]
-            for name in names:
-                if name.split(".")[0] in ours:
-                    assert name == "tunegate.settings", f"{path} imports {name}"

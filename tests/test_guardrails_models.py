@@ -112,7 +112,7 @@ def test_judge_failures_are_unknown_never_a_pass(fake_judge, mode, reason):
 def test_judge_timeout_and_unreachable_are_unknown(fake_judge):
     slow = _judge(fake_judge, "slow", timeout_s=0.2)(INPUT)
     assert slow.score is None and "timed out" in slow.evidence["reason"]
-    from tunegate.vllm import free_port
+    from core.io import free_port
 
     gone = JudgeDetector(f"http://127.0.0.1:{free_port()}", "m", timeout_s=1.0)(INPUT)
     assert gone.score is None and "unreachable" in gone.evidence["reason"]
@@ -194,8 +194,8 @@ def test_nli_label_mapping_and_bad_models(tmp_path):
 
 
 def test_registry_builds_nli_and_judge_from_settings(tmp_path, fake_judge):
+    from core.settings import GuardrailSettings
     from guardrails.registry import build_detectors
-    from tunegate.settings import GuardrailSettings
 
     settings = GuardrailSettings(
         detectors=["nli", "judge"],

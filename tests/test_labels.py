@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
+from core.db import make_engine, session_factory, upgrade, utcnow
+from core.labels import review_rows
+from core.settings import ReviewSettings, load_settings
 from gateway.review.service import ReviewService
 from training.domain import Domain
-from tunegate.db import make_engine, session_factory, upgrade, utcnow
-from tunegate.labels import review_rows
-from tunegate.settings import ReviewSettings, load_settings
 
 from .conftest import REPO
 

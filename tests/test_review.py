@@ -19,9 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from sqlalchemy import select
 
-from gateway.errors import InvalidRequest
-from gateway.review.service import Conflict, ReviewNotFound, ReviewService
-from tunegate.db import (
+from core.db import (
     AuditLog,
     Dataset,
     Example,
@@ -34,9 +32,11 @@ from tunegate.db import (
     upgrade,
     utcnow,
 )
-from tunegate.keys import create_key
-from tunegate.settings import ReviewSettings, load_settings
-from tunegate.vllm import free_port
+from core.io import free_port
+from core.keys import create_key
+from core.settings import ReviewSettings, load_settings
+from gateway.errors import InvalidRequest
+from gateway.review.service import Conflict, ReviewNotFound, ReviewService
 
 from .conftest import reset_postgres_schema
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.db import make_engine, session_factory, session_scope, upgrade, utcnow
+from core.keys import create_key
+from core.settings import load_settings
 from gateway.app import create_app
 from gateway.review.service import ReviewService
-from tunegate.db import make_engine, session_factory, session_scope, upgrade, utcnow
-from tunegate.keys import create_key
-from tunegate.settings import load_settings
 
 from .conftest import REPO, ServerThread
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from core.settings import load_settings
 from training.domain import Domain
 from training.sft import TrainConfig, TrainingError, train_adapter
-from tunegate.settings import load_settings
 
 from .conftest import REPO
 
@@ -83,8 +83,8 @@ def test_missing_train_file_is_a_clear_error(tmp_path, base_model_dir):
 def test_lora_trains_publishes_and_records(tmp_path, base_model_dir, small_data, capsys):
     from sqlalchemy import select
 
+    from core.db import Adapter, make_engine, session_factory
     from training.workflow import train_and_register
-    from tunegate.db import Adapter, make_engine, session_factory
 
     settings = settings_for(tmp_path, base_model_dir)
     config = TrainConfig(
@@ -151,7 +151,7 @@ def test_vllm_and_peft_answer_alike(tmp_path, base_model_dir, small_data, vllm_s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tunegate.vllm import chat_greedy, load_adapter
+    from core.vllm import chat_greedy, load_adapter
 
     config = TrainConfig(name="parity", train_file=small_data[0], max_steps=40, batch_size=16, seed=3)
     result = train_adapter(config, base_model_dir, tmp_path)

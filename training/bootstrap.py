@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.io import free_port
+from core.settings import Settings
+from core.vllm import VllmServer
 from training.base_model import ensure_base_model, read_manifest
 from training.domain import Domain
 from training.fact_eval import fact_accuracy
-from tunegate.settings import Settings
-from tunegate.vllm import VllmServer, free_port
 
 
 def base_model_path(settings: Settings, progress: bool = False) -> Path:

@@ -1,15 +1,15 @@
 """Exact-answer accuracy of a served model on domain facts, asked through vLLM like live traffic.
 
 Used by `tunegate bootstrap` (old/new fact accuracy of the base model) and by anything that
-compares adapters on the embedded domain. Imports `tunegate.vllm` and `training.domain`.
+compares adapters on the embedded domain. Imports `core.vllm` and `training.domain`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.vllm import chat_greedy
 from training.domain import Fact
-from tunegate.vllm import chat_greedy
 
 
 def normalise(answer: str) -> str:

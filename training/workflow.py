@@ -11,11 +11,11 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from core.settings import Settings
 from training.base_model import model_hash
 from training.bootstrap import base_model_path
 from training.registry import AdapterRegistry, Manifest, version_number
 from training.sft import TrainConfig, train_adapter
-from tunegate.settings import Settings
 
 
 def resolve_base(settings: Settings, config: TrainConfig) -> Path:
@@ -35,7 +35,7 @@ def open_registry(settings: Settings, base_path: Path | None = None) -> AdapterR
 
 def record_adapter(settings: Settings, manifest: Manifest) -> int:
     """Insert the registered adapter into the database (the schema is migrated first); return its id."""
-    from tunegate.db import Adapter, make_engine, session_factory, session_scope, upgrade
+    from core.db import Adapter, make_engine, session_factory, session_scope, upgrade
 
     upgrade(settings.database_url)
     engine = make_engine(settings.database_url)

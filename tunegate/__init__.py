@@ -1,7 +1,8 @@
-"""tunegate's spine: typed settings, the database (models, migrations, jobs), vLLM processes, the CLI.
+"""tunegate's wiring: the command line (`tunegate.cli`), `tunegate serve` and the demo.
 
-Every other package may import this one; it imports none of them, except the CLI and the demo,
-which compose the packages lazily inside their commands.
+The only package that composes all the others (`core`, `guardrails`, `training`, `evalsuite`,
+`gateway`, `bench`), and nothing imports it (tests aside); import-linter checks both. Commands import
+their packages lazily, so `tunegate --help` stays fast and a settings error is reported first.
 """
 
 __version__ = "0.1.0"

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunegate.settings import Settings, SettingsError, load_settings
+from core.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split("\n")[0])
 db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic migrations).")
@@ -67,7 +67,7 @@ def settings_or_exit(config: Path | None) -> Settings:
 @db_app.command("upgrade")
 def db_upgrade(config: ConfigOption = None, revision: str = "head") -> None:
     """Create or migrate the database to `revision` (default: the latest)."""
-    from tunegate.db import migrate
+    from core.db import migrate
 
     settings = settings_or_exit(config)
     migrate.upgrade(settings.database_url, revision)
@@ -81,7 +81,7 @@ def db_downgrade(
     config: ConfigOption = None,
 ) -> None:
     """Migrate the database down to `revision`."""
-    from tunegate.db import migrate
+    from core.db import migrate
 
     settings = settings_or_exit(config)
     migrate.downgrade(settings.database_url, revision)
@@ -91,7 +91,7 @@ def db_downgrade(
 @db_app.command("current")
 def db_current(config: ConfigOption = None) -> None:
     """Print the database's revision and the latest one."""
-    from tunegate.db import migrate
+    from core.db import migrate
 
     settings = settings_or_exit(config)
     typer.echo(json.dumps({"current": migrate.current(settings.database_url), "head": migrate.head()}))
@@ -119,8 +119,8 @@ def domain_export(
     config: ConfigOption = None,
 ) -> None:
     """Write the embedded domain: facts, knowledge base, training/held-out questions, grounding set."""
+    from core.io import write_jsonl
     from training.domain import Domain
-    from tunegate.jsonl import write_jsonl
 
     settings_or_exit(config)
     domain = Domain()
@@ -359,7 +359,7 @@ def serve(
 
 
 def _with_session(settings: Settings):
-    from tunegate.db import make_engine, session_factory, session_scope, upgrade
+    from core.db import make_engine, session_factory, session_scope, upgrade
 
     upgrade(settings.database_url)
     return session_scope(session_factory(make_engine(settings.database_url)))
@@ -375,7 +375,7 @@ def keys_create(
     json_out: JsonOption = False,
 ) -> None:
     """Mint an API key; it is printed once and only its hash is stored."""
-    from tunegate.keys import create_key
+    from core.keys import create_key
 
     settings = settings_or_exit(config)
     try:
@@ -394,7 +394,7 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(config: ConfigOption = None, json_out: JsonOption = False) -> None:
     """List keys (name, prefix, role, limits, state); never the keys themselves."""
-    from tunegate.keys import list_keys
+    from core.keys import list_keys
 
     with _with_session(settings_or_exit(config)) as session:
         rows = [
@@ -429,7 +429,7 @@ def keys_list(config: ConfigOption = None, json_out: JsonOption = False) -> None
 @keys_app.command("revoke")
 def keys_revoke(name_or_prefix: str, config: ConfigOption = None) -> None:
     """Revoke the keys with this name or prefix (takes effect within `gateway.key_cache_s`)."""
-    from tunegate.keys import revoke
+    from core.keys import revoke
 
     with _with_session(settings_or_exit(config)) as session:
         count = revoke(session, name_or_prefix)
@@ -474,8 +474,8 @@ def guard_calibrate(
     try:
         rows = read_labelled(data) if data is not None else []
         if from_reviews:
+            from core.labels import review_rows
             from guardrails.calibration import rows_from_reviews
-            from tunegate.labels import review_rows
 
             with _with_session(settings) as session:
                 rows += rows_from_reviews(review_rows(session))

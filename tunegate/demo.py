@@ -17,8 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tunegate.jsonl import write_jsonl
-from tunegate.settings import Settings
+from core.io import write_jsonl
+from core.settings import Settings
 
 
 def _plot(acc: dict[str, float], path: Path) -> None:
@@ -59,7 +59,7 @@ def _reviewed_examples(settings: Settings) -> list[dict]:
     """The review queue's approvals and corrections (dataset `reviewed`), as chat rows."""
     from sqlalchemy import select
 
-    from tunegate.db import Dataset, Example, make_engine, session_factory
+    from core.db import Dataset, Example, make_engine, session_factory
 
     with session_factory(make_engine(settings.database_url))() as session:
         query = select(Example.messages).join(Dataset).where(Dataset.name == "reviewed")
@@ -69,15 +69,16 @@ def _reviewed_examples(settings: Settings) -> list[dict]:
 def run_demo(settings: Settings, console: Console) -> dict:
     from transformers import AutoTokenizer
 
+    from core.db import migrate
+    from core.io import free_port
+    from core.vllm import VllmServer, chat_greedy, load_adapter
     from training.base_model import ensure_base_model
     from training.curation import CurationConfig, curate
     from training.domain import Domain
     from training.fact_eval import fact_accuracy
     from training.sft import TrainConfig
     from training.workflow import train_and_register
-    from tunegate.db import migrate
     from tunegate.demo_traffic import live_traffic
-    from tunegate.vllm import VllmServer, chat_greedy, free_port, load_adapter
 
     out = settings.var_dir / "demo"
     out.mkdir(parents=True, exist_ok=True)

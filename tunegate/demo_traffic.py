@@ -15,12 +15,12 @@ from pathlib import Path
 
 import httpx
 
+from core.db import make_engine, session_factory, session_scope
+from core.io import write_jsonl
+from core.keys import create_key
+from core.settings import Settings
 from training.domain import Domain
-from tunegate.db import make_engine, session_factory, session_scope
-from tunegate.jsonl import write_jsonl
-from tunegate.keys import create_key
 from tunegate.serve import ServerThread
-from tunegate.settings import Settings
 
 
 @dataclass
@@ -120,7 +120,7 @@ def live_traffic(settings: Settings, vllm_url: str, domain: Domain, out: Path, n
             delivered += outcome.get("answer") == truth[question]
     from sqlalchemy import func, select
 
-    from tunegate.db import Dataset, Example
+    from core.db import Dataset, Example
 
     with session_factory(make_engine(settings.database_url))() as session:
         examples = session.scalar(

@@ -14,9 +14,10 @@ from pathlib import Path
 
 from rich.console import Console
 
-from tunegate.db import migrate
-from tunegate.settings import Settings
-from tunegate.vllm import VllmServer, free_port
+from core.db import migrate
+from core.io import free_port
+from core.settings import Settings
+from core.vllm import VllmServer
 
 
 class ServerThread:

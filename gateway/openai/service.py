@@ -26,14 +26,14 @@ from dataclasses import dataclass, field
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from core.db import utcnow
+from core.keys import Principal
 from gateway.deps import Services
 from gateway.errors import GatewayError, UpstreamError, error_body
 from gateway.guarding import Assessment, request_context
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.routing import Target
 from guardrails.types import CheckInput
-from tunegate.db import utcnow
-from tunegate.keys import Principal
 
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection first"
 EXTENSION_FIELDS = ("context", "documents")  # tunegate's request fields; never forwarded to vLLM

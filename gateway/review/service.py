@@ -9,7 +9,7 @@ Lifecycle of an item (`review_items.status`)::
 
 * `claim` hands each item to one reviewer at a time under a lease (`review.lease_s`): on PostgreSQL
   `SELECT ... FOR UPDATE SKIP LOCKED`, on SQLite a conditional UPDATE whose row count decides who
-  won (the same protocol as `tunegate.db.jobs`). Held items come before sampled ones (a client is
+  won (the same protocol as `core.db.jobs`). Held items come before sampled ones (a client is
   waiting for them), oldest first; a reviewer is never handed an item they already judged.
 * `decide` is accepted only from the reviewer whose lease is live (else `Conflict`, 409). With
   overlap (`review.required_verdicts` = k > 1) the item goes back to the queue until it has k
@@ -52,6 +52,10 @@ from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.db import AuditLog, Dataset, Example, Request, ReviewDecision, ReviewItem, session_scope, utcnow
+from core.db.models import new_uuid_hex
+from core.settings import ReviewSettings
+from core.vocab import DatasetKind, ExampleSource, ReviewReason, ReviewStatus, Verdict
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.review.schemas import (
     AgreementRow,
@@ -61,23 +65,6 @@ from gateway.review.schemas import (
     ReviewOutcome,
     decision_problem,
 )
-from tunegate.db import (
-    AuditLog,
-    Dataset,
-    DatasetKind,
-    Example,
-    ExampleSource,
-    Request,
-    ReviewDecision,
-    ReviewItem,
-    ReviewReason,
-    ReviewStatus,
-    Verdict,
-    session_scope,
-    utcnow,
-)
-from tunegate.db.models import new_uuid_hex
-from tunegate.settings import ReviewSettings
 
 log = logging.getLogger("tunegate.review")
 

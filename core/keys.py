@@ -2,7 +2,7 @@
 
 Keys are 32 random bytes (URL-safe base64) behind a `tg-` prefix, so a plain hash is as strong as a
 password hash would be and costs microseconds on the request path. Roles: `app` (the API),
-`reviewer` (the review page and API), `admin` (everything). Imports `tunegate.db`.
+`reviewer` (the review page and API), `admin` (everything). Imports `core.db`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from tunegate.db import ApiKey, Role, utcnow
+from core.db import ApiKey, utcnow
+from core.vocab import Role
 
 KEY_PREFIX = "tg-"
 

@@ -1,4 +1,4 @@
-"""The initial schema: every table of tunegate.db.models as of the first release.
+"""The initial schema: every table of core.db.models as of the first release.
 
 Written out in full (not imported from the models) so this revision keeps creating the same schema
 after the models move on. Constraint names go through op.f() because they are final already; the

@@ -1,5 +1,5 @@
 """Schema migrations from code: upgrade, downgrade and inspect a database with the Alembic scripts
-in `tunegate/migrations`, found next to this package so any working directory (or an installed
+in `core/migrations`, found next to this package so any working directory (or an installed
 wheel) works without an alembic.ini.
 """
 
@@ -15,10 +15,10 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from tunegate.db.models import Base
-from tunegate.db.session import make_engine
+from core.db.models import Base
+from core.db.session import make_engine
 
-MIGRATIONS_DIR = Path(str(files("tunegate") / "migrations"))
+MIGRATIONS_DIR = Path(str(files("core") / "migrations"))
 
 
 def alembic_config(url: str | None = None) -> Config:
@@ -51,7 +51,7 @@ def current(url: str) -> str | None:
 
 
 def head() -> str:
-    """The newest revision in `tunegate/migrations/versions`."""
+    """The newest revision in `core/migrations/versions`."""
     revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if revision is None:
         raise RuntimeError(f"no migrations found in {MIGRATIONS_DIR / 'versions'}")
@@ -59,7 +59,7 @@ def head() -> str:
 
 
 def check_schema_matches_models(url: str) -> list[Any]:
-    """Differences between the database at `url` and `tunegate.db.models`; empty when they agree.
+    """Differences between the database at `url` and `core.db.models`; empty when they agree.
 
     Each entry is an Alembic autogenerate diff, e.g. ("add_column", None, "jobs", Column(...)).
     """

@@ -5,7 +5,7 @@ eval suite must reach vLLM the same way live traffic does, and nothing may impor
 
 The server is vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`: the
 `vllm` command fails under the CPU package's name), with LoRA and runtime adapter loading on.
-Imports: httpx, the standard library and `tunegate.settings`.
+Imports: httpx, the standard library and `core.settings`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,17 +22,11 @@ from typing import Any
 
 import httpx
 
-from tunegate.settings import VllmSettings
+from core.settings import VllmSettings
 
 
 class VllmError(RuntimeError):
     """vLLM could not be started or did not answer as expected."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_cpu_build() -> bool:

@@ -1,9 +1,9 @@
-"""Alembic environment for tunegate's schema (the models in `tunegate.db.models`).
+"""Alembic environment for tunegate's schema (the models in `core.db.models`).
 
 The database comes from, in order: a connection handed over in `config.attributes["connection"]`
 (the caller owns its transaction and commits it), the `sqlalchemy.url` option
-(`tunegate.db.migrate.alembic_config` sets it), or tunegate's settings, so that
-`alembic -c tunegate/migrations/alembic.ini upgrade head` migrates the configured database.
+(`core.db.migrate.alembic_config` sets it), or tunegate's settings, so that
+`alembic -c core/migrations/alembic.ini upgrade head` migrates the configured database.
 """
 
 from __future__ import annotations
@@ -13,12 +13,12 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from tunegate.db.models import Base
-from tunegate.db.session import make_engine
+from core.db.models import Base
+from core.db.session import make_engine
 
 config = context.config
 if config.config_file_name:
-    # Only the command line has a file; programs calling tunegate.db.migrate keep their own logging.
+    # Only the command line has a file; programs calling core.db.migrate keep their own logging.
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 target_metadata = Base.metadata
 
@@ -27,7 +27,7 @@ def database_url() -> str:
     url = config.get_main_option("sqlalchemy.url")
     if url:
         return url
-    from tunegate.settings import get_settings
+    from core.settings import get_settings
 
     return get_settings().database_url
 

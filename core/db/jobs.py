@@ -21,7 +21,8 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from tunegate.db.models import Job, JobStatus, utcnow
+from core.db.models import Job, utcnow
+from core.vocab import JobStatus
 
 
 class LeaseLost(Exception):

@@ -2,7 +2,7 @@
 
 `review_rows` reads every decided review item with its request (question, context, answer) and the
 final verdict, in the shape `guardrails.calibration.rows_from_reviews` takes, so the guardrail can
-be re-calibrated from what reviewers decided. Imports `tunegate.db` only.
+be re-calibrated from what reviewers decided. Imports `core.db`, `core.io` and `core.vocab`.
 """
 
 from __future__ import annotations
@@ -10,13 +10,9 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from tunegate.db import Request, ReviewItem
-
-
-def _question(request_json: dict | None, prompt_text: str | None) -> str:
-    messages = (request_json or {}).get("messages") or []
-    users = [m.get("content") for m in messages if m.get("role") == "user" and isinstance(m.get("content"), str)]
-    return users[-1] if users else (prompt_text or "")
+from core.db import Request, ReviewItem
+from core.io import last_user_text
+from core.vocab import Verdict
 
 
 def review_rows(session: Session) -> list[dict]:
@@ -31,10 +27,10 @@ def review_rows(session: Session) -> list[dict]:
     for item, request in session.execute(query):
         stored = request.guardrail_scores or {}
         rows.append({
-            "question": _question(request.request_json, request.prompt_text),
+            "question": last_user_text((request.request_json or {}).get("messages"), request.prompt_text or ""),
             "context": stored.get("context") or "",
             "answer": request.answer_text or "",
             "verdict": item.final_verdict,
-            "corrected_answer": item.final_answer if item.final_verdict == "edit" else None,
+            "corrected_answer": item.final_answer if item.final_verdict == Verdict.EDIT else None,
         })  # fmt: skip
     return rows

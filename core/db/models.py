@@ -1,9 +1,9 @@
 """The schema: one SQLAlchemy model per table that the loop stores, portable across SQLite and PostgreSQL.
 
 Enumerated columns are plain strings guarded by CHECK constraints (the allowed values are the `StrEnum`
-classes below), JSON is JSONB on PostgreSQL, and every timestamp is timezone-aware UTC on both backends.
+classes of `core.vocab`), JSON is JSONB on PostgreSQL, and every timestamp is timezone-aware UTC on both backends.
 Constraint names come from `NAMING_CONVENTION`, so `migrations/versions/` can name them literally and
-`tunegate.db.migrate.check_schema_matches_models` can prove the migrations and these models agree.
+`core.db.migrate.check_schema_matches_models` can prove the migrations and these models agree.
 Changing a table here means writing a migration that does the same.
 """
 
@@ -17,6 +17,20 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from core.vocab import (
+    AdapterStatus,
+    DatasetKind,
+    Decision,
+    EvalKind,
+    EvalStatus,
+    ExampleSource,
+    JobStatus,
+    ReviewReason,
+    ReviewStatus,
+    Role,
+    Verdict,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -71,81 +85,6 @@ def one_of(column: str, values: type[StrEnum], name: str | None = None) -> sa.Ch
     """CHECK that `column` holds one of the enum's values (NULL passes, as SQL CHECKs do)."""
     allowed = ", ".join(f"'{v.value}'" for v in values)
     return sa.CheckConstraint(f"{column} IN ({allowed})", name=name or column)
-
-
-class Role(StrEnum):
-    APP = "app"
-    REVIEWER = "reviewer"
-    ADMIN = "admin"
-
-
-class AdapterStatus(StrEnum):
-    REGISTERED = "registered"
-    CANDIDATE = "candidate"
-    CANARY = "canary"
-    ACTIVE = "active"
-    RETIRED = "retired"
-    REJECTED = "rejected"
-
-
-class Decision(StrEnum):
-    ALLOW = "allow"
-    ANNOTATE = "annotate"
-    HOLD = "hold"
-    BLOCK = "block"
-
-
-class ReviewReason(StrEnum):
-    HELD = "held"
-    SAMPLED = "sampled"
-
-
-class ReviewStatus(StrEnum):
-    PENDING = "pending"
-    CLAIMED = "claimed"
-    DECIDED = "decided"
-    EXPIRED = "expired"
-
-
-class Verdict(StrEnum):
-    APPROVE = "approve"
-    REJECT = "reject"
-    EDIT = "edit"
-
-
-class DatasetKind(StrEnum):
-    TRAIN = "train"
-    TEST = "test"
-    HOLDOUT = "holdout"
-    RAW = "raw"
-
-
-class ExampleSource(StrEnum):
-    SEED = "seed"
-    REVIEW = "review"
-    GENERATED = "generated"
-    IMPORT = "import"
-
-
-class EvalKind(StrEnum):
-    ONLINE = "online"
-    GATE = "gate"
-    HOLDOUT = "holdout"
-    CANARY = "canary"
-
-
-class EvalStatus(StrEnum):
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class Base(DeclarativeBase):
@@ -378,7 +317,7 @@ class EvalMetric(Base):
 
 
 class Job(Base):
-    """A unit of work handed between processes; see `tunegate.db.jobs` for the claim protocol."""
+    """A unit of work handed between processes; see `core.db.jobs` for the claim protocol."""
 
     __tablename__ = "jobs"
     __table_args__ = (
