@@ -36,7 +36,7 @@ class _Section(BaseModel):
 
 
 class DatabaseSettings(_Section):
-    url: str = Field("", description="SQLAlchemy URL; empty means SQLite at `<var_dir>/core.db`.")
+    url: str = Field("", description="SQLAlchemy URL; empty means SQLite at `<var_dir>/tunegate.db`.")
     echo: bool = Field(False, description="Log every SQL statement.")
 
     @field_validator("url")
@@ -202,7 +202,7 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        return self.database.url or f"sqlite:///{(self.var_dir / 'core.db').as_posix()}"
+        return self.database.url or f"sqlite:///{(self.var_dir / 'tunegate.db').as_posix()}"
 
     @property
     def models_dir(self) -> Path:

@@ -52,7 +52,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database on each backend."""
     if request.param == "sqlite":
         # A folder that does not exist yet: make_engine must create it.
-        return f"sqlite:///{tmp_path / 'var' / 'core.db'}"
+        return f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
     url = request.getfixturevalue("postgres_database")
     reset_postgres_schema(url)
     return url

@@ -29,7 +29,7 @@ def test_defaults_without_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     settings = load_settings()
     assert settings.config_file is None
-    assert settings.database_url == "sqlite:///var/core.db"
+    assert settings.database_url == "sqlite:///var/tunegate.db"
     assert settings.vllm.max_lora_rank == 16
 
 
@@ -45,7 +45,7 @@ def test_yaml_values_are_read_and_env_wins(tmp_path, monkeypatch):
     settings = load_settings(path)
     assert settings.vllm.port == 9100
     assert settings.vllm.max_loras == 4
-    assert settings.database_url == "sqlite:////tmp/x/core.db"
+    assert settings.database_url == "sqlite:////tmp/x/tunegate.db"
 
 
 def test_bad_file_value_names_field_value_and_file(tmp_path):
