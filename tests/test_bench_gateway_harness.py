@@ -1,14 +1,18 @@
-"""The pure parts of the gateway-overhead harness: hey's CSV, the load split, added latency and
-max_rps. No servers, no load, no timing."""
+"""The pure parts of the gateway-overhead harness: hey's CSV, the load split, added latency,
+max_rps, and its settings (`GatewayBenchConfig` and the command line built from it). No servers,
+no load, no timing."""
 
+import dataclasses
+import json
 import math
 
 import pytest
 
-from bench.gateway_overhead import (
+from bench.gateway_config import ALL_TARGETS, GatewayBenchConfig, build_parser
+from bench.gateway_overhead import finish
+from bench.gateway_stats import (
     HeyRow,
     added_latency,
-    finish,
     max_rps,
     parse_hey_csv,
     percentile,
@@ -149,3 +153,117 @@ def test_finish_without_a_proxy_or_with_a_failed_one_says_none(tmp_path):
     finish(result, tmp_path, plot=False)
     assert result["ours_max_rps"] is None and result["ours_p99_overhead_ms_at_50"] is None
     assert result["litellm_max_rps"] is None
+
+
+# ----------------------------------------------------------------------------------------------
+# The settings: one dataclass, the command line built from it
+# ----------------------------------------------------------------------------------------------
+
+CHANGED = GatewayBenchConfig(
+    targets=("ours", "direct"),
+    rates=(100, 12.5, 25),
+    duration=20,
+    delay_ms=0,
+    out="/tmp/gw-bench",
+    litellm_bin="/opt/litellm/bin/litellm",
+    litellm_workers=4,
+    ours_cmd=["tunegate", "serve", "--port", "{PORT}", "--note", "a,b"],
+    ours_key_cmd=["sh", "-c", 'echo \'{"key": "k"}\''],
+    ours_env=("TUNEGATE_LOG_LEVEL=warning", "X=a=b"),
+    ours_workers=0,
+    ours_model="base",
+    ours_migrate=False,
+    mock_workers=1,
+    model="other",
+    hey="/usr/bin/hey",
+    hey_procs=4,
+    warmup=0,
+    pause=0.25,
+    start_timeout=30,
+    quiet_wait=60,
+    quiet_cores=0.5,
+    plot=False,
+)
+
+
+def test_every_field_is_documented_and_changed_by_the_round_trip_config():
+    for f in dataclasses.fields(GatewayBenchConfig):
+        assert f.metadata.get("help"), f"`{f.name}` has no help"
+        assert getattr(CHANGED, f.name) != f.default, f"CHANGED leaves `{f.name}` at its default"
+
+
+@pytest.mark.parametrize("config", [GatewayBenchConfig(), CHANGED], ids=["defaults", "changed"])
+def test_config_round_trips_through_argv_and_dict(config):
+    assert GatewayBenchConfig.from_argv(config.to_argv()) == config
+    assert GatewayBenchConfig(**config.to_dict()) == config
+    as_json = json.loads(json.dumps(config.to_dict()))  # what a results file would keep
+    assert GatewayBenchConfig(**as_json) == config
+
+
+def test_config_values_take_the_fields_types():
+    assert CHANGED.rates == (12.5, 25.0, 100.0)  # sorted, floats
+    assert all(isinstance(r, float) for r in CHANGED.rates)
+    assert CHANGED.duration == 20.0 and isinstance(CHANGED.duration, float)
+    assert CHANGED.ours_cmd == ("tunegate", "serve", "--port", "{PORT}", "--note", "a,b")
+    assert str(CHANGED.out) == "/tmp/gw-bench"
+
+
+def test_the_documented_flags_parse_as_before():
+    config = GatewayBenchConfig.from_argv(
+        ["--targets", "direct,ours", "--rates", "50,25", "--duration", "20", "--hey-procs", "4",
+         "--quiet-wait", "30", "--no-ours-migrate", "--no-plot", "--ours-env", "A=1", "--ours-env", "B=2",
+         "--ours-cmd", '["tunegate", "serve", "--port", "{PORT}"]', "--out", "/tmp/o"]
+    )  # fmt: skip
+    assert config == GatewayBenchConfig(
+        targets=("direct", "ours"), rates=(25, 50), duration=20, hey_procs=4, quiet_wait=30, ours_migrate=False,
+        plot=False, ours_env=("A=1", "B=2"), ours_cmd=("tunegate", "serve", "--port", "{PORT}"), out="/tmp/o",
+    )  # fmt: skip
+
+
+def test_parser_flags_and_defaults_come_from_the_fields(capsys):
+    parser = build_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    for f in dataclasses.fields(GatewayBenchConfig):
+        assert "--" + f.name.replace("_", "-") in flags
+    assert {"--no-plot", "--no-ours-migrate"} <= flags
+    assert vars(parser.parse_args([])) == {}  # the dataclass supplies every default
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["--help"])
+    assert exc.value.code == 0
+    assert "(default: 25,50,100,200,400)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("changes", "field_name"),
+    [
+        ({"targets": ("direct", "vllm")}, "targets"),
+        ({"targets": ()}, "targets"),
+        ({"rates": ()}, "rates"),
+        ({"rates": (25, 0)}, "rates"),
+        ({"rates": "25,50"}, "rates"),
+        ({"duration": 0}, "duration"),
+        ({"duration": "8"}, "duration"),
+        ({"delay_ms": -1}, "delay_ms"),
+        ({"warmup": -0.5}, "warmup"),
+        ({"quiet_cores": 0}, "quiet_cores"),
+        ({"hey_procs": 0}, "hey_procs"),
+        ({"mock_workers": True}, "mock_workers"),
+        ({"ours_workers": -1}, "ours_workers"),
+        ({"ours_cmd": []}, "ours_cmd"),
+        ({"ours_env": ("=1",)}, "ours_env"),
+        ({"hey": ""}, "hey"),
+    ],
+)
+def test_config_validation_names_the_field(changes, field_name):
+    with pytest.raises(ValueError, match=f"`{field_name}`"):
+        GatewayBenchConfig(**changes)
+
+
+def test_unknown_settings_are_refused_and_argv_errors_exit_2(capsys):
+    with pytest.raises(TypeError, match="duration_s"):
+        GatewayBenchConfig(**{"duration_s": 8})
+    with pytest.raises(SystemExit) as exc:
+        GatewayBenchConfig.from_argv(["--targets", "direct,nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "`targets`" in err and ", ".join(ALL_TARGETS) in err
