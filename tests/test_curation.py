@@ -435,6 +435,31 @@ def test_report_files(tmp_path, tokenizer):
     ]
 
 
+def test_report_page_is_rendered_from_the_template_that_ships(tmp_path):
+    import fnmatch
+    import tomllib
+
+    from training.curation import report as report_mod
+
+    template = report_mod.TEMPLATE
+    assert template.name == "report.html.j2" and template.parent == Path(report_mod.__file__).parent
+    assert "<table" in template.read_text() and "<table" not in Path(report_mod.__file__).read_text()
+    package_data = tomllib.loads(Path(__file__).parents[1].joinpath("pyproject.toml").read_text())["tool"]
+    patterns = package_data["setuptools"]["package-data"]["training"]
+    assert any(fnmatch.fnmatch("curation/report.html.j2", p) for p in patterns)
+
+    path = write_jsonl(tmp_path / "p.jsonl", [chat("Name a dog breed.", "Beagle."), "{bad", "{worse"])
+    curate(path, tmp_path / "out", CurationConfig())
+    saved = json.loads((tmp_path / "out" / "report.json").read_text())
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<h2>Summary</h2>" in page and saved["dataset_hash"] in page
+    assert '<tr><td>rows read</td><td class="n">3</td></tr>' in page
+    assert '<tr><td>rejected</td><td class="n">2</td></tr>' in page
+    assert all(f"<td>{step['name']}</td>" in page for step in saved["steps"])
+    assert all(f">{rule}</text>" in page for rule in RULES)  # one bar per rule
+    assert page.count("<rect ") == len(RULES) and page.endswith("</html>\n")
+
+
 def test_samples_are_capped_per_rule(tmp_path):
     path = write_jsonl(tmp_path / "j.jsonl", ["{bad"] * 8)
     report = curate(path, tmp_path / "out", CurationConfig(max_samples_per_rule=5))
