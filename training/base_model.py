@@ -6,7 +6,7 @@ byte-level BPE tokenizer with a chat template, and a `LlamaForCausalLM` (attenti
 The result is a Hugging Face folder that vLLM serves, cached under a hash of everything
 that shapes it, so `tunegate bootstrap` builds it once and reuses it after.
 
-Imports: torch, transformers, tokenizers and `training.domain`; nothing of gateway/evalsuite.
+Imports: torch, transformers, tokenizers, `core.io` and `training.domain`; nothing of gateway/evalsuite.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from tqdm import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from core.io import sha256_text
 from training.domain import Domain, DomainConfig
 
 # Bump when the build recipe changes in a way the config fields do not capture.
@@ -89,7 +90,7 @@ def cache_key(domain: Domain, config: BaseModelConfig) -> str:
     blob = json.dumps(
         {"domain": domain.content_hash(), "model": asdict(config), "recipe": RECIPE_VERSION}, sort_keys=True
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return sha256_text(blob)[:16]
 
 
 def build_tokenizer(domain: Domain, config: BaseModelConfig) -> PreTrainedTokenizerFast:

@@ -7,16 +7,17 @@ Tariffs are split into `old` ones, which the bootstrap base model is pre-trained
 `new` ones, introduced later: the drift event the loop must learn from reviewed traffic.
 A labelled grounding set (question, passage, answer, hallucinated) feeds the guardrails.
 
-Pure Python and the standard library only: everything else in tunegate may import this.
+Pure Python (the standard library and `core.io`): everything else in tunegate may import this.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
+
+from core.io import sha256_text
 
 REGIONS = [
     "Northvale", "Eastmoor", "Southbay", "Westridge", "Highcliff", "Lowfield", "Ashford", "Brightwater",
@@ -255,5 +256,4 @@ class Domain:
 
     def content_hash(self) -> str:
         """A hash of everything generated: the base model's cache key depends on it."""
-        blob = json.dumps([asdict(f) for f in self.facts], sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return sha256_text(json.dumps([asdict(f) for f in self.facts], sort_keys=True))[:16]

@@ -2,8 +2,7 @@
 
 Owns `Manifest` (what an adapter is and where it came from), `AdapterRegistry` (atomic publish,
 list, get, path, next_version, gc of interrupted publishes) and `check_servable()` (whether vLLM
-can serve an adapter). May import `tunegate` and `guardrails`, never `gateway`; it needs nothing of
-ours (the standard library only).
+can serve an adapter). Imports `core.io` (atomic JSON writes) and nothing else of ours.
 
 Layout: `<root>/<name>/<version>/` holds the peft files (`adapter_config.json`,
 `adapter_model.safetensors`, ...) and `manifest.json`, written last. Versions are `v1`, `v2`, ...
@@ -26,6 +25,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from core.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class Manifest:
         p = Path(path)
         if p.is_dir():
             p = p / MANIFEST
-        _write_json_atomic(p, self.to_dict())
+        atomic_write_json(p, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Manifest:
@@ -165,20 +166,6 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_adapter_config(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
