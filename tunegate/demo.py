@@ -66,7 +66,26 @@ def _reviewed_examples(settings: Settings) -> list[dict]:
         return [{"messages": messages} for messages in session.scalars(query)]
 
 
+def quiet_libraries() -> None:
+    """The demo tells its story; the libraries' own progress bars (dataset tokenizing, trainer steps),
+    info logs and warnings about their internals are not part of it."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    for name in ("trl", "peft", "accelerate", "httpx", "torch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"(trl|peft|transformers|accelerate|torch)(\.|$)")
+
+
 def run_demo(settings: Settings, console: Console) -> dict:
+    quiet_libraries()
     from transformers import AutoTokenizer
 
     from core.db import migrate
@@ -154,7 +173,8 @@ def run_demo(settings: Settings, console: Console) -> dict:
             max_steps=300,
             eval_steps=50,
         )
-        trained = train_and_register(settings, config, progress=True)
+        with console.status(f"training adapter `support` ({config.max_steps} steps at most, early stopping)"):
+            trained = train_and_register(settings, config, progress=False)
         console.print(
             f"trained adapter support {trained['version']}: {trained['trainable_params']:,} trainable parameters "
             f"({trained['trainable_fraction']:.1%} of this tiny model), validation loss "

@@ -1,0 +1,118 @@
+"""`tunegate bench ...`: the benchmarks, each printing one JSON object and writing plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tunegate.cli.common import ConfigOption, JsonOption, emit, fail, settings_or_exit
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and write plots.")
+
+
+@bench_app.command("training")
+def bench_training(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the data sets, JSON and plot.")] = Path("bench/out/training"),
+    steps: Annotated[int, typer.Option(help="Optimizer steps per adapter (the shared compute budget).")] = 300,
+) -> None:
+    """Quality over quantity, parameter efficiency and learning the drift, measured (about 4 minutes)."""
+    from bench.training_claims import run
+
+    settings = settings_or_exit(config)
+    out.mkdir(parents=True, exist_ok=True)
+    result = run(out, settings.var_dir, settings.models_dir, max_steps=steps)
+    emit(result, json_out)
+    if not json_out:
+        Console().print(f"plot: {out / 'training_claims.png'}")
+
+
+@bench_app.command("lora")
+def bench_lora(
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/lora"),
+    requests: Annotated[int, typer.Option(help="Requests per setting.")] = 256,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight at once.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Tokens generated per request (ignore_eos).")] = 32,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds the requests are split into.")] = 2,
+) -> None:
+    """Serving throughput with 1, 4 and 8 LoRA adapters in one batch, against the base model."""
+    from bench.lora_throughput import run
+
+    settings = settings_or_exit(config)
+    if min(requests, concurrency, max_tokens, rounds) < 1:
+        raise fail("--requests, --concurrency, --max-tokens and --rounds must be at least 1")
+    result = run(
+        out,
+        settings.var_dir,
+        settings.models_dir,
+        settings.vllm,
+        requests=requests,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        rounds=rounds,
+    )
+    emit(result, json_out)
+    if not json_out:
+        Console().print(f"plot: {out / 'lora_throughput.png'}")
+
+
+@bench_app.command("gateway", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_gateway(ctx: typer.Context, json_out: JsonOption = False) -> None:
+    """Gateway overhead against LiteLLM's proxy (mock upstream, `hey` at constant rates; about 4 minutes).
+
+    Needs `make bench-deps` (Debian's hey, LiteLLM in .venv-litellm). Other options are the fields of
+    `bench.gateway_config.GatewayBenchConfig`, as `python -m bench.gateway_overhead --help` lists them:
+    --rates, --duration, --hey-procs, --quiet-wait, ...
+    """
+    from bench.gateway_overhead import main as run_bench
+
+    try:
+        result = run_bench(list(ctx.args))
+    except RuntimeError as err:  # no `hey`, or the mock upstream never answered: one line, no traceback
+        raise fail(str(err), code=1) from None
+    if not json_out:
+        Console().print(f"plot: {result.get('plot')}")
+
+
+@bench_app.command("guard")
+def bench_guard(
+    data: Annotated[Path, typer.Option(help="Labelled JSONL to measure on.")],
+    calibrate: Annotated[
+        Path | None, typer.Option(help="Fit weights and threshold on this labelled JSONL only.")
+    ] = None,
+    folds: Annotated[int, typer.Option(help="Grouped K-fold cross-validation on `--data` instead.")] = 0,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/guard"),
+) -> None:
+    """Balanced accuracy, AUROC, F1 and latency per check (one CPU core) of the guardrail."""
+    from bench.guard import run
+    from guardrails.calibration import CalibrationError
+    from guardrails.guard import calibration_path_for
+
+    settings = settings_or_exit(config)
+    missing = [str(p) for p in (data, calibrate) if p is not None and not p.exists()]
+    if missing:
+        raise fail(f"file(s) not found: {', '.join(missing)}")
+    if calibrate and folds:
+        raise fail("use `--calibrate` or `--folds`, not both")
+    try:
+        result = run(
+            data,
+            out,
+            calibrate=calibrate,
+            calibration=calibration_path_for(settings.guardrails, settings.var_dir),
+            folds=folds,
+            settings=settings.guardrails,
+        )
+    except CalibrationError as err:
+        raise fail(str(err)) from None
+    emit(result, json_out)
+    if not json_out:
+        Console().print(f"plot: {result['plot']}")
