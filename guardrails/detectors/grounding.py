@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from guardrails.text import Number, content_words, entities, numbers, sentences, stem
-from guardrails.types import CheckInput, DetectorResult
+from guardrails.types import CheckInput, DetectorResult, reads
 
 NAME = "grounding"
 
@@ -62,6 +62,7 @@ def _merge(spans: list[tuple[int, int]], text: str) -> list[tuple[int, int]]:
     return out
 
 
+@reads("question", "answer", "context")
 def grounding(inp: CheckInput) -> DetectorResult:
     """Unsupported content words, entities and numbers of the answer, sentence by sentence."""
     if not inp.context or not inp.context.strip():
@@ -140,3 +141,6 @@ def grounding(inp: CheckInput) -> DetectorResult:
         "features": features,
     }
     return DetectorResult(NAME, score, evidence, _merge(spans, answer))
+
+
+grounding.clear_cache = _support.cache_clear  # type: ignore[attr-defined]  # forget cached passages (cold start)

@@ -18,7 +18,7 @@ import re
 
 import httpx
 
-from guardrails.types import CheckInput, DetectorResult, clip01
+from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
 NAME = "judge"
 SCHEMA = {
@@ -73,6 +73,7 @@ def parse_verdict(content: str) -> tuple[bool, float, str]:
     return hallucinated, float(confidence), reason
 
 
+@reads("question", "answer", "context")
 class JudgeDetector:
     """An LLM judge through an OpenAI-compatible chat endpoint."""
 

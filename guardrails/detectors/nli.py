@@ -16,7 +16,7 @@ import os
 import threading
 from pathlib import Path
 
-from guardrails.types import CheckInput, DetectorResult, clip01
+from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
 NAME = "nli"
 _NEGATIVE = ("not_entail", "not entail", "non_entail", "non-entail", "hallucinat", "contradict", "unsupported",
@@ -39,6 +39,7 @@ def risk_labels(id2label: dict[int, str]) -> tuple[list[int], str]:
     )
 
 
+@reads("question", "answer", "context")
 class NLIDetector:
     """A local `AutoModelForSequenceClassification`: premise = context, hypothesis = answer."""
 

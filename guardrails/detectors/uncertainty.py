@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from guardrails.types import CheckInput, DetectorResult, clip01
+from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
 NAME = "uncertainty"
 _FLOOR = -50.0  # a logprob of -inf is "probability 0"; keep the mean finite
@@ -50,6 +50,7 @@ def _entropy(top: dict[str, float]) -> float | None:
     return h / h_max if h_max > 0 else 0.0
 
 
+@reads("token_logprobs", "top_logprobs")
 def uncertainty(inp: CheckInput) -> DetectorResult:
     """Risk from the answer's token probabilities (and the entropy of the alternatives)."""
     lps = _finite(inp.token_logprobs)
