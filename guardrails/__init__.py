@@ -5,7 +5,9 @@ May import `core` only (of tunegate's own packages).
 Public API (import from the submodules; this package imports nothing heavy on its own):
 - `guardrails.types`: `CheckInput`, `DetectorResult`
 - `guardrails.registry`: `build_detectors(settings) -> {name: detector}`, `default_registry()`
-- `guardrails.guard`: `Guard(settings, calibration_path).check(CheckInput) -> RiskReport`
+- `guardrails.guard`: `Guard(settings, calibration_path).check(CheckInput) -> RiskReport`; it runs only
+  the detectors its risk model weighs, and plans a request with `Guard.active`, `Guard.needs_logprobs`
+  and `Guard.needs_samples`
 - `guardrails.calibration`: `Calibration` (fit / save / load / risk), `DefaultCombination`,
   `rows_from_reviews`
 - `guardrails.policy`: `decide(risk, PolicySettings) -> "allow" | "annotate" | "hold" | "block"`

@@ -2,9 +2,10 @@
 
 Owns the feature vector (each detector's score, `<name>`, and the parts it reports in
 `evidence["features"]`, `<name>.<part>`), its fitting from labelled rows, its JSON file, and the
-documented default combination used when no file exists. Also turns reviewer verdicts into labelled
-rows, so the guardrail can be re-calibrated from the review queue. Imports `guardrails.types`,
-numpy and scikit-learn.
+documented default combination used when no file exists, and which detectors each reads at all
+(`weighs(name)`: the guard runs only those). Also turns reviewer verdicts into labelled
+rows, so the guardrail can be re-calibrated from the review queue. Imports `core.io`,
+`guardrails.types`, numpy and scikit-learn.
 
 Unknown scores are handled explicitly: each feature contributes its value, imputed with the training
 mean when unknown, and an "is unknown" indicator; the regression learns what a missing detector
@@ -23,17 +24,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.io import read_jsonl
+from core.io import atomic_write_json, read_jsonl
 from guardrails.types import DetectorResult
 
 VERSION = 1
+OTHER_WEIGHT = 0.1  # the default combination's weight of a detector it does not name
 Features = dict[str, float | None]
 
 
@@ -108,6 +108,16 @@ class Calibration:
     def risk(self, results: Mapping[str, DetectorResult] | Iterable[DetectorResult]) -> float:
         return self.risk_of_vector(feature_vector(results))
 
+    def weighs(self, detector: str) -> bool:
+        """Whether the risk reads `detector` at all: some column of its (its score `<name>`, a part
+        `<name>.<part>`, value or unknown indicator) has a non-zero coefficient. If not, its result
+        cannot move the risk, and the guard does not run it."""
+        n = len(self.features)
+        return any(
+            (f == detector or f.startswith(f"{detector}.")) and (self.coef[i] != 0.0 or self.coef[n + i] != 0.0)
+            for i, f in enumerate(self.features)
+        )
+
     def weights(self) -> dict[str, float]:
         """Readable weights (per standardised column), zero ones left out."""
         names = [*self.features, *(f"{f}?unknown" for f in self.features)]
@@ -135,13 +145,8 @@ class Calibration:
 
     def save(self, path: str | Path) -> Path:
         """Written atomically (a temporary file renamed), so a reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
-        return path
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
@@ -233,7 +238,7 @@ class DefaultCombination:
 
     Weights: grounding, nli and judge 0.6 each (they check the answer against evidence),
     consistency 0.3, uncertainty 0.25, embedding 0.15 (similar is not the same as supported), any
-    other detector 0.1.
+    other detector 0.1. A detector given weight 0 is not run by the guard.
     Unknown scores are left out of the mean; with no known score the risk is 0.5 ("no evidence
     either way"), which the default policy annotates. `threshold` 0.5.
     """
@@ -253,9 +258,15 @@ class DefaultCombination:
 
     kind = "default"
 
+    def weight(self, detector: str) -> float:
+        return self.weights.get(detector, OTHER_WEIGHT)
+
+    def weighs(self, detector: str) -> bool:
+        return self.weight(detector) != 0.0
+
     def risk(self, results: Mapping[str, DetectorResult] | Iterable[DetectorResult]) -> float:
         items = results.values() if isinstance(results, Mapping) else results
-        known = [(self.weights.get(r.name, 0.1), r.score) for r in items if r.score is not None]
+        known = [(self.weight(r.name), r.score) for r in items if r.score is not None]
         total = sum(w for w, _ in known)
         if not known or total <= 0:
             return self.no_evidence_risk

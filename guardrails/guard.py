@@ -1,9 +1,16 @@
-"""The guard: run the configured detectors on one answer and combine them into one calibrated risk.
+"""The guard: run the detectors the risk model reads on one answer and combine them into one risk.
 
-Owns `Guard` (detectors from the registry, the risk model from a calibration file or the documented
-default combination) and `RiskReport` (risk, per-detector results, time taken). It decides nothing: the
-route's policy (`guardrails.policy.decide`) maps the risk to an action. Imports `core.settings` and
-`guardrails.*`.
+Owns `Guard` (the risk model from a calibration file or the documented default combination, then
+the detectors from the registry) and `RiskReport` (risk, per-detector results, skipped detectors,
+time taken). It decides nothing: the route's policy (`guardrails.policy.decide`) maps the risk to an
+action. Imports `core.settings` and `guardrails.*`.
+
+The plan runs only what counts: a configured detector the risk model gives no weight (a calibration
+whose coefficients for all its columns are 0, or a default-combination weight of 0) is neither built
+nor run. It is listed in `RiskReport.skipped` and absent from `results`; the risk is exactly what the
+full run gives, since its columns contributed nothing. The gateway plans a request from three cheap
+properties: `Guard.active` (the detectors that run), `Guard.needs_logprobs` (ask vLLM for logprobs)
+and `Guard.needs_samples` (ask for `guardrails.consistency_samples` extra samples).
 
 A detector that raises does not fail the check: its result is "unknown" with the error as evidence,
 and the risk model treats it as such (an unknown is never a pass).
@@ -20,7 +27,7 @@ from typing import Any
 from core.settings import GuardrailSettings
 from guardrails.calibration import Calibration, DefaultCombination, RiskModel
 from guardrails.registry import build_detectors
-from guardrails.types import CheckInput, Detector, DetectorResult
+from guardrails.types import LOGPROB_FIELDS, CheckInput, Detector, DetectorResult, fields_read
 
 
 def calibration_path_for(settings: GuardrailSettings, var_dir: str | Path) -> Path:
@@ -37,6 +44,7 @@ class RiskReport:
     risk: float
     results: dict[str, DetectorResult]
     total_ms: float
+    skipped: tuple[str, ...] = ()  # configured, but not run: the risk model gives them no weight
 
     @property
     def unknown(self) -> list[str]:
@@ -50,12 +58,31 @@ class RiskReport:
             "risk": round(self.risk, 6),
             "total_ms": round(self.total_ms, 3),
             "unknown": self.unknown,
+            "skipped": list(self.skipped),
             "results": {name: r.to_dict() for name, r in self.results.items()},
         }
 
 
+def run_detectors(detectors: Mapping[str, Detector], inp: CheckInput) -> dict[str, DetectorResult]:
+    """Every detector's result by name; one that raises is "unknown" with the error as evidence."""
+    results = {}
+    for name, detector in detectors.items():
+        try:
+            result = detector(inp)
+        except Exception as err:  # noqa: BLE001 - one broken detector must not fail the request
+            result = DetectorResult.unknown(name, f"detector failed: {type(err).__name__}: {err}")
+        if result.name != name:
+            result = DetectorResult(name, result.score, result.evidence, result.unsupported_spans)
+        results[name] = result
+    return results
+
+
 class Guard:
-    """`Guard(settings, calibration_path).check(CheckInput) -> RiskReport`."""
+    """`Guard(settings, calibration_path).check(CheckInput) -> RiskReport`.
+
+    `detectors` and `risk_model` replace the registry's detectors and the calibration file (tests,
+    benchmarks). `only_weighted=False` runs every configured detector, weighted or not (the
+    benchmark's comparison run)."""
 
     def __init__(
         self,
@@ -64,11 +91,9 @@ class Guard:
         *,
         detectors: Mapping[str, Detector] | None = None,
         risk_model: RiskModel | None = None,
+        only_weighted: bool = True,
     ) -> None:
         self.settings = settings or GuardrailSettings()
-        self.detectors: dict[str, Detector] = (
-            dict(detectors) if detectors is not None else build_detectors(self.settings)
-        )
         path = calibration_path if calibration_path is not None else self.settings.calibration_path
         if risk_model is not None:
             self.risk_model: RiskModel = risk_model
@@ -76,24 +101,46 @@ class Guard:
             self.risk_model = Calibration.load(path)  # a broken file is an error at start, not a silent default
         else:
             self.risk_model = DefaultCombination()
+        configured = list(detectors) if detectors is not None else list(self.settings.detectors)
+        active = [n for n in configured if not only_weighted or self.risk_model.weighs(n)]
+        self.skipped: tuple[str, ...] = tuple(n for n in configured if n not in active)
+        self.detectors: dict[str, Detector] = (
+            {n: detectors[n] for n in active} if detectors is not None else build_detectors(self.settings, only=active)
+        )
+        read = frozenset().union(*(fields_read(d) for d in self.detectors.values()))
+        self._needs_logprobs = bool(read & LOGPROB_FIELDS)
+        self._needs_samples = "samples" in read
+
+    @property
+    def active(self) -> tuple[str, ...]:
+        """Names of the detectors that run, in the configured order."""
+        return tuple(self.detectors)
+
+    @property
+    def needs_logprobs(self) -> bool:
+        """An active detector reads the answer's token logprobs (ask vLLM for `logprobs`)."""
+        return self._needs_logprobs
+
+    @property
+    def needs_samples(self) -> bool:
+        """An active detector reads extra samples (ask vLLM for `guardrails.consistency_samples` of them)."""
+        return self._needs_samples
 
     def run_detectors(self, inp: CheckInput) -> dict[str, DetectorResult]:
-        results = {}
-        for name, detector in self.detectors.items():
-            try:
-                result = detector(inp)
-            except Exception as err:  # noqa: BLE001 - one broken detector must not fail the request
-                result = DetectorResult.unknown(name, f"detector failed: {type(err).__name__}: {err}")
-            if result.name != name:
-                result = DetectorResult(name, result.score, result.evidence, result.unsupported_spans)
-            results[name] = result
-        return results
+        return run_detectors(self.detectors, inp)
+
+    def clear_caches(self) -> None:
+        """Forget what the detectors cached (passages seen): the next checks start cold."""
+        for detector in self.detectors.values():
+            clear = getattr(detector, "clear_cache", None)
+            if callable(clear):
+                clear()
 
     def check(self, inp: CheckInput) -> RiskReport:
         start = time.perf_counter()
         results = self.run_detectors(inp)
         risk = self.risk_model.risk(results)
-        return RiskReport(risk, results, (time.perf_counter() - start) * 1000)
+        return RiskReport(risk, results, (time.perf_counter() - start) * 1000, self.skipped)
 
 
 def check_input(row: Mapping[str, Any]) -> CheckInput:
@@ -114,6 +161,5 @@ def fit_calibration(
     """Run the detectors on labelled rows and fit the calibrated risk on their results."""
     from guardrails.calibration import feature_vector
 
-    guard = Guard(detectors=detectors, risk_model=DefaultCombination())
-    vectors = [feature_vector(guard.run_detectors(check_input(r))) for r in rows]
+    vectors = [feature_vector(run_detectors(detectors, check_input(r))) for r in rows]
     return Calibration.fit(vectors, [bool(r["hallucinated"]) for r in rows], C=C, source=source)

@@ -2,13 +2,14 @@
 
 Owns the names the settings use (`guardrails.detectors`) and how each detector is built from
 `GuardrailSettings`. Registering a name twice is an error; nothing registers itself on import, and
-heavy detectors (models, clients) import their libraries only when built. Imports `core.settings`
+heavy detectors (models, clients) import their libraries only when built, and `build_detectors(...,
+only=...)` builds just the detectors the guard's risk model weighs. Imports `core.settings`
 and `guardrails.types` (detector modules lazily).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 from core.settings import GuardrailSettings
 from guardrails.types import Detector
@@ -39,11 +40,14 @@ class Registry:
     def describe(self) -> dict[str, str]:
         return dict(self._help)
 
-    def build(self, name: str, settings: GuardrailSettings) -> Detector:
+    def check(self, name: str) -> None:
         if name not in self._factories:
             raise RegistryError(
                 f"unknown detector `{name}` in `guardrails.detectors`; known: {', '.join(self._factories)}"
             )
+
+    def build(self, name: str, settings: GuardrailSettings) -> Detector:
+        self.check(name)
         return self._factories[name](settings)
 
 
@@ -99,9 +103,14 @@ def default_registry() -> Registry:
     return registry
 
 
-def build_detectors(settings: GuardrailSettings, registry: Registry | None = None) -> dict[str, Detector]:
-    """The detectors `settings.detectors` names, built, in that order."""
+def build_detectors(
+    settings: GuardrailSettings, registry: Registry | None = None, only: Collection[str] | None = None
+) -> dict[str, Detector]:
+    """The detectors `settings.detectors` names, built, in that order. With `only`, just those of them
+    are built: the others are checked to be known names, but a model nobody reads is never loaded."""
     registry = registry or default_registry()
     if len(set(settings.detectors)) != len(settings.detectors):
         raise RegistryError(f"`guardrails.detectors` names a detector twice: {settings.detectors}")
-    return {name: registry.build(name, settings) for name in settings.detectors}
+    for name in settings.detectors:
+        registry.check(name)
+    return {name: registry.build(name, settings) for name in settings.detectors if only is None or name in only}
