@@ -1,21 +1,27 @@
 """The hallucination guardrail, measured: `tunegate bench guard --data FILE.jsonl [--calibrate DEV.jsonl]`.
 
-Runs the default detectors (grounding, embedding, uncertainty; `guardrails.detectors` decides) on
+Runs the configured detectors (grounding, embedding, uncertainty; `guardrails.detectors` decides) on
 labelled rows `{knowledge, question, answer, hallucinated}` through `Guard.check`, on ONE CPU core
-(`torch.set_num_threads(1)`), and reports balanced accuracy, AUROC and F1 of "risk >= threshold"
-against the labels, and the latency per check (p50, p99; also p50 of the checks whose context the
-embedding cache had not seen yet).
+(`torch.set_num_threads(1)`), twice in one run on the same rows: `all` (every configured detector,
+`Guard(only_weighted=False)`) and `plan` (only the detectors the risk model weighs, what the gateway
+runs). For each: balanced accuracy, AUROC and F1 of "risk >= threshold" against the labels, and the
+latency per check (p50, p95, p99), separately for checks whose context was seen before in the run
+(`repeated_context`) and for the first check of each context (`new_context`: the detectors' caches
+are cleared before each run, so that passage is new to them). `risk_identical` says whether the plan
+gave exactly the risks of the full run (it must: the skipped detectors have no weight). The top-level
+metrics and latencies are the plan's. `measured_on` names the data (path, SHA-256, the heading of a
+README.md beside it) and whether, and how, its rows were used for the calibration.
 
 Protocols (the output's `protocol` says which one ran):
 - `--calibrate DEV.jsonl`: the calibrated risk (weights and threshold) is fitted on DEV only, then
   measured on `--data`;
 - `--folds K`: grouped K-fold cross-validation on `--data` (rows sharing a context stay in one fold):
-  fitted on K-1 folds, measured on the held-out one, the predictions pooled;
+  fitted on K-1 folds, measured on the held-out one; each fold's calibration makes its own plan;
 - neither: the calibration file given (`--calibration`, else the settings' one), or the documented
   default combination when there is none.
 
-Prints one JSON object; writes `guard_<data>[_cv<K>|_cal-<DEV>].json` and `.png` (ROC curve and
-latency histogram) to `--out`. Run: `python -m bench.guard --data FILE.jsonl`.
+Prints one JSON object; writes `guard_<data>[_cv<K>|_cal-<DEV>].json` and `.png` (ROC curve and the
+latency histograms of both runs) to `--out`. Run: `python -m bench.guard --data FILE.jsonl`.
 """
 
 from __future__ import annotations
@@ -43,17 +49,28 @@ def _metrics(labels: list[bool], risks: list[float], predicted: list[bool]) -> d
     }
 
 
-def _percentile(values: list[float], q: float) -> float:
+def _percentile(values: list[float], q: float) -> float | None:
     import numpy as np
 
-    return round(float(np.percentile(values, q)), 3) if values else float("nan")
+    return round(float(np.percentile(values, q)), 3) if values else None
 
 
-def _plot(path: Path, labels: list[bool], risks: list[float], timings: list[float], title: str) -> None:
+def _latency(values: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(values),
+        "p50_ms": _percentile(values, 50),
+        "p95_ms": _percentile(values, 95),
+        "p99_ms": _percentile(values, 99),
+        "mean_ms": round(statistics.fmean(values), 3) if values else None,
+    }
+
+
+def _plot(path: Path, labels: list[bool], risks: list[float], runs: dict[str, list[float]], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fpr, tpr, _ = roc_curve(labels, risks)
@@ -62,15 +79,107 @@ def _plot(path: Path, labels: list[bool], risks: list[float], timings: list[floa
     ax1.plot([0, 1], [0, 1], ls=":", c="grey")
     ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC of the calibrated risk")
     ax1.legend(loc="lower right")
-    ax2.hist(timings, bins=50, color="tab:orange")
-    p50 = statistics.median(timings)
-    ax2.axvline(p50, c="k", ls="--", label=f"p50 {p50:.2f} ms")
-    ax2.set(xlabel="ms per check (1 CPU core)", ylabel="checks", title="latency of Guard.check")
+    every = [t for timings in runs.values() for t in timings]
+    bins = np.geomspace(max(min(every), 1e-3), max(every), 60)
+    for (name, timings), colour in zip(runs.items(), ("tab:grey", "tab:orange"), strict=False):
+        p50 = statistics.median(timings)
+        ax2.hist(timings, bins=bins, color=colour, alpha=0.6, label=f"{name}: p50 {p50:.2f} ms")
+        ax2.axvline(p50, c=colour, ls="--")
+    ax2.set(xscale="log", xlabel="ms per check (1 CPU core)", ylabel="checks", title="latency of Guard.check")
     ax2.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _row_key(row: dict[str, Any]) -> tuple[str, str, str]:
+    return (str(row.get("knowledge", row.get("context")) or ""), str(row.get("question", "")), str(row["answer"]))
+
+
+def _measured_on(data: Path, rows: list[dict[str, Any]], calibrated_on: str | None, overlap: int | None) -> dict:
+    """What the numbers were measured on, and whether those rows were used for the calibration."""
+    from core.io import sha256_file
+
+    readme = Path(data).parent / "README.md"
+    lines = [ln for ln in readme.read_text().splitlines() if ln.strip()] if readme.exists() else []
+    return {
+        "path": str(data),
+        "sha256": sha256_file(data),
+        "description": lines[0].lstrip("# ").strip() if lines else None,  # the README's heading
+        "rows": len(rows),
+        "contexts": len({_row_key(r)[0] for r in rows}),
+        "calibrated_on": calibrated_on,
+        "measured_rows_in_calibration": overlap,  # None: not known (a calibration file fitted elsewhere)
+    }
+
+
+def _risk_models(data, rows, labels, detectors, calibrate, calibration, folds):
+    """The risk model(s), the index of the one that scores each row, the protocol in words, where it
+    was fitted, how many measured rows it saw, and the fitting time."""
+    from guardrails.calibration import Calibration, DefaultCombination, feature_vector, read_labelled
+    from guardrails.guard import check_input, fit_calibration, run_detectors
+
+    started = time.perf_counter()
+    if folds and folds > 1:
+        from sklearn.model_selection import GroupKFold
+
+        vectors = [feature_vector(run_detectors(detectors, check_input(r))) for r in rows]  # untimed
+        groups = [r.get("knowledge") or r.get("question") for r in rows]
+        models, row_model = [], [0] * len(rows)
+        for k, (train, test) in enumerate(GroupKFold(n_splits=folds).split(rows, labels, groups)):
+            source = f"{data} folds other than {k}"
+            models.append(Calibration.fit([vectors[i] for i in train], [labels[i] for i in train], source=source))
+            for i in test:
+                row_model[i] = k
+        protocol = f"grouped {folds}-fold cross-validation on {data} (fit on {folds - 1} folds, measured on the rest)"
+        return models, row_model, protocol, f"{data}, the other {folds - 1} folds", 0, time.perf_counter() - started
+    row_model = [0] * len(rows)
+    if calibrate:
+        dev = read_labelled(calibrate)
+        model: Any = fit_calibration(dev, detectors, source=str(calibrate))
+        overlap = len({_row_key(r) for r in rows} & {_row_key(r) for r in dev})
+        protocol = f"calibrated on {calibrate} only, measured on {data}"
+        return [model], row_model, protocol, str(calibrate), overlap, time.perf_counter() - started
+    if calibration and Path(calibration).exists():
+        model = Calibration.load(calibration)
+        source = model.trained_on.get("source") or "?"
+        return [model], row_model, f"calibration file {calibration} (fitted on {source})", source, None, 0.0
+    protocol = "default combination (no calibration file), threshold 0.5"
+    return [DefaultCombination()], row_model, protocol, None, 0, 0.0
+
+
+def _timed_run(guards: list, row_model: list[int], rows: list[dict[str, Any]]) -> dict[str, list]:
+    """Every row checked once, caches cleared first: risks, timings, and whether the context was new."""
+    from guardrails.guard import check_input
+
+    for guard in guards:
+        guard.clear_caches()
+    seen: set[str | None] = set()
+    out: dict[str, list] = {"risks": [], "ms": [], "new": [], "reports": []}
+    for r, k in zip(rows, row_model, strict=True):
+        inp = check_input(r)
+        report = guards[k].check(inp)
+        out["risks"].append(report.risk)
+        out["ms"].append(report.total_ms)
+        out["new"].append(inp.context not in seen)
+        out["reports"].append(report)
+        seen.add(inp.context)
+    return out
+
+
+def _summary(labels: list[bool], run: dict[str, list], thresholds: list[float], guards: list) -> dict[str, Any]:
+    predicted = [r >= t for r, t in zip(run["risks"], thresholds, strict=True)]
+    ms, new = run["ms"], run["new"]
+    return {
+        "detectors": list(dict.fromkeys(n for g in guards for n in g.active)),
+        **_metrics(labels, run["risks"], predicted),
+        "latency": {
+            "all_checks": _latency(ms),
+            "repeated_context": _latency([t for t, n in zip(ms, new, strict=True) if not n]),
+            "new_context": _latency([t for t, n in zip(ms, new, strict=True) if n]),
+        },
+    }
 
 
 def run(
@@ -82,14 +191,13 @@ def run(
     settings: Any = None,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Measure the guard on `data`; see the module docstring for the protocols."""
+    """Measure the guard on `data`, all detectors and the plan; see the module docstring."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import numpy as np
     import torch
 
     from core.settings import GuardrailSettings
-    from guardrails.calibration import Calibration, DefaultCombination, feature_vector, read_labelled
-    from guardrails.guard import Guard, check_input, fit_calibration
+    from guardrails.calibration import Calibration, feature_vector, read_labelled
+    from guardrails.guard import Guard, check_input
     from guardrails.registry import build_detectors
 
     torch.set_num_threads(threads)
@@ -99,57 +207,25 @@ def run(
     rows = read_labelled(data)
     labels = [bool(r["hallucinated"]) for r in rows]
     detectors = build_detectors(settings)
-
-    fit_s = 0.0
-    if calibrate:
-        started = time.perf_counter()
-        risk_model: Any = fit_calibration(read_labelled(calibrate), detectors, source=str(calibrate))
-        fit_s = time.perf_counter() - started
-        protocol = f"calibrated on {calibrate} only, measured on {data}"
-    elif calibration and Path(calibration).exists():
-        risk_model = Calibration.load(calibration)
-        protocol = f"calibration file {calibration} (fitted on {risk_model.trained_on.get('source') or '?'})"
-    else:
-        risk_model = DefaultCombination()
-        protocol = "default combination (no calibration file), threshold 0.5"
-    guard = Guard(settings, detectors=detectors, risk_model=risk_model)
+    models, row_model, protocol, calibrated_on, overlap, fit_s = _risk_models(
+        data, rows, labels, detectors, calibrate, calibration, folds
+    )
+    thresholds = [float(models[k].threshold) for k in row_model]
+    every = [Guard(settings, detectors=detectors, risk_model=m, only_weighted=False) for m in models]
+    plan = [Guard(settings, detectors=detectors, risk_model=m) for m in models]
 
     # Warm-up outside the measurement: the first forward passes of a model allocate and pack weights.
     for r in rows[:3]:
-        guard.check(check_input({**r, "knowledge": (r.get("knowledge") or "") + " warm-up"}))
+        every[0].check(check_input({**r, "knowledge": (r.get("knowledge") or "") + " warm-up"}))
+    runs = {"all": _timed_run(every, row_model, rows), "plan": _timed_run(plan, row_model, rows)}
+    diff = max(abs(a - b) for a, b in zip(runs["all"]["risks"], runs["plan"]["risks"], strict=True))
+    guards = {"all": every, "plan": plan}
+    summaries = {name: _summary(labels, r, thresholds, guards[name]) for name, r in runs.items()}
+    summaries["plan"]["skipped"] = [n for n in detectors if n not in summaries["plan"]["detectors"]]
+    if len(plan) > 1:
+        summaries["plan"]["per_fold"] = [list(g.active) for g in plan]
 
-    seen_contexts: set[str] = set()
-    timings, new_context_timings, vectors, risks = [], [], [], []
-    for r in rows:
-        inp = check_input(r)
-        verdict = guard.check(inp)
-        timings.append(verdict.total_ms)
-        if inp.context not in seen_contexts:
-            new_context_timings.append(verdict.total_ms)
-            seen_contexts.add(inp.context)
-        vectors.append(feature_vector(verdict.results))
-        risks.append(verdict.risk)
-
-    if folds and folds > 1:
-        from sklearn.model_selection import GroupKFold
-
-        groups = [r.get("knowledge") or r.get("question") for r in rows]
-        risks = [0.0] * len(rows)
-        predicted = [False] * len(rows)
-        thresholds = []
-        for train, test in GroupKFold(n_splits=folds).split(rows, labels, groups):
-            fitted = Calibration.fit([vectors[i] for i in train], [labels[i] for i in train], source=f"{data} folds")
-            thresholds.append(fitted.threshold)
-            for i in test:
-                risks[i] = fitted.risk_of_vector(vectors[i])
-                predicted[i] = risks[i] >= fitted.threshold
-        threshold = float(np.mean(thresholds))
-        protocol = f"grouped {folds}-fold cross-validation on {data} (fit on {folds - 1} folds, measured on the rest)"
-        risk_model = Calibration.fit(vectors, labels, source=str(data))  # for the weights shown only
-    else:
-        threshold = float(risk_model.threshold)
-        predicted = [r >= threshold for r in risks]
-
+    vectors = [feature_vector(rep.results) for rep in runs["all"]["reports"]]
     per_detector = {}
     for name in detectors:
         known = [(v[name], y) for v, y in zip(vectors, labels, strict=True) if v.get(name) is not None]
@@ -159,32 +235,46 @@ def run(
             from sklearn.metrics import roc_auc_score
 
             auroc = round(float(roc_auc_score(ys, [s for s, _ in known])), 4)
-        per_detector[name] = {"known": round(len(known) / len(rows), 4), "auroc": auroc}
+        weighted = any(m.weighs(name) for m in models)
+        per_detector[name] = {"known": round(len(known) / len(rows), 4), "auroc": auroc, "weighted": weighted}
 
+    shown = models[0] if len(models) == 1 else Calibration.fit(vectors, labels, source=str(data))  # weights only
+    p = summaries["plan"]
     result: dict[str, Any] = {
         "data": str(data),
+        "measured_on": _measured_on(data, rows, calibrated_on, overlap),
         "protocol": protocol,
         "n": len(rows),
         "hallucinated": int(sum(labels)),
-        **_metrics(labels, risks, predicted),
-        "threshold": round(threshold, 4),
-        "p50_ms": _percentile(timings, 50),
-        "p99_ms": _percentile(timings, 99),
-        "mean_ms": round(float(np.mean(timings)), 3),
-        "p50_ms_new_context": _percentile(new_context_timings, 50),
-        "new_contexts": len(new_context_timings),
+        **{k: p[k] for k in ("balanced_accuracy", "auroc", "f1", "precision", "recall")},
+        "threshold": round(statistics.fmean(float(m.threshold) for m in models), 4),
+        "p50_ms": p["latency"]["all_checks"]["p50_ms"],
+        "p95_ms": p["latency"]["all_checks"]["p95_ms"],
+        "p99_ms": p["latency"]["all_checks"]["p99_ms"],
+        "mean_ms": p["latency"]["all_checks"]["mean_ms"],
+        "p50_ms_new_context": p["latency"]["new_context"]["p50_ms"],
+        "new_contexts": p["latency"]["new_context"]["n"],
+        "runs": summaries,
+        "risk_identical": diff == 0.0,
+        "max_risk_difference": diff,
+        "plan": {
+            "active": p["detectors"],
+            "needs_logprobs": any(g.needs_logprobs for g in plan),
+            "needs_samples": any(g.needs_samples for g in plan),
+        },
         "threads": threads,
         "detectors": per_detector,
-        "risk_model": risk_model.kind,
-        "weights": risk_model.weights() if isinstance(risk_model, Calibration) else risk_model.weights,
+        "risk_model": shown.kind,
+        "weights": shown.weights() if isinstance(shown, Calibration) else shown.weights,
         "calibration_fit_s": round(fit_s, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_cv{folds}" if folds and folds > 1 else f"_cal-{Path(calibrate).stem}" if calibrate else ""
     stem = f"guard_{Path(data).stem}{suffix}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    title = f"{Path(data).name}: {protocol}\nBA {result['balanced_accuracy']}, p50 {result['p50_ms']} ms"
-    _plot(out / f"{stem}.png", labels, risks, timings, title)
+    p50_all, p50_plan = summaries["all"]["latency"]["all_checks"]["p50_ms"], result["p50_ms"]
+    title = f"{Path(data).name}: {protocol}\nBA {result['balanced_accuracy']}; p50 {p50_all} ms all, {p50_plan} ms plan"
+    _plot(out / f"{stem}.png", labels, runs["plan"]["risks"], {n: r["ms"] for n, r in runs.items()}, title)
     result["plot"] = str(out / f"{stem}.png")
     return result
 
