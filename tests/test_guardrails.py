@@ -230,7 +230,7 @@ def test_calibration_round_trip_and_risk(tmp_path):
     assert [loaded.risk_of_vector(v) for v in vectors] == [cal.risk_of_vector(v) for v in vectors]
     assert cal.trained_on["rows"] == 200 and cal.trained_on["balanced_accuracy"] > 0.85
     assert 0.0 < cal.threshold < 1.0
-    assert not list(tmp_path.glob("sub/.*.tmp"))  # written atomically
+    assert [p.name for p in tmp_path.glob("sub/*")] == ["calibration.json"]  # written atomically, no temp left
 
 
 def test_calibration_handles_unknowns_explicitly():
@@ -336,13 +336,15 @@ def grounding_rows():
     return Domain().grounding_rows()
 
 
-def test_calibrated_guard_separates_held_out_embedded_grounding_set(grounding_rows, embedding_detector):
+def test_calibrated_guard_separates_held_out_embedded_grounding_set(grounding_rows):
+    from guardrails.detectors.embedding import EmbeddingDetector
+
     codes = sorted({r["key"].split("/")[0] for r in grounding_rows})
     random.Random(0).shuffle(codes)
     train_codes = set(codes[: len(codes) // 2])
     train = [r for r in grounding_rows if r["key"].split("/")[0] in train_codes]
     test = [r for r in grounding_rows if r["key"].split("/")[0] not in train_codes]
-    detectors = {"grounding": grounding, "embedding": embedding_detector, "uncertainty": uncertainty}
+    detectors = {"grounding": grounding, "embedding": EmbeddingDetector(), "uncertainty": uncertainty}
     cal = fit_calibration(train, detectors, source="train half")
     guard = Guard(detectors=detectors, risk_model=cal)
     predicted = [guard.check(check_input(r)).risk >= cal.threshold for r in test]
@@ -351,45 +353,6 @@ def test_calibrated_guard_separates_held_out_embedded_grounding_set(grounding_ro
     tnr = sum(not p and not y for p, y in zip(predicted, labels, strict=True)) / (len(labels) - sum(labels))
     assert (tpr + tnr) / 2 > 0.85
     assert "uncertainty" in cal.unseen  # no logprobs in the set: no weight, explicitly
-
-
-# --- embedding ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def embedding_detector():
-    from guardrails.detectors.embedding import EmbeddingDetector
-
-    return EmbeddingDetector()
-
-
-def test_embedding_supported_closer_than_unrelated(embedding_detector):
-    near = embedding_detector(inp("The standing charge of T417 is 12.40 EUR per month."))
-    far = embedding_detector(inp("Penguins live in Antarctica and eat fish."))
-    assert near.score < far.score
-    assert "standing charge" in near.evidence["best_sentence"]
-    assert embedding_detector(inp("x", context=None)).score is None
-    assert embedding_detector(inp("  ")).score is None
-
-
-def test_embedding_cache_and_warm(embedding_detector):
-    passage = "Tariff T100 is offered in the Dunmore region. Its unit rate is 0.182 EUR/kWh."
-    assert embedding_detector.warm([passage]) == 2
-    assert embedding_detector.warm([passage]) == 0
-
-
-def test_embedding_backends_and_precisions_agree():
-    import numpy as np
-
-    from guardrails.detectors.embedding import SentenceEncoder
-
-    texts = ["The standing charge is 12.40 EUR.", "Northvale"]
-    ref = SentenceEncoder(precision="float32").encode(texts)
-    st = SentenceEncoder(precision="float32", backend="sentence-transformers").encode(texts)
-    int8 = SentenceEncoder(precision="int8").encode(texts)
-    assert ref.shape == (2, 384)
-    assert np.allclose((ref * st).sum(1), 1.0, atol=1e-4)
-    assert ((ref * int8).sum(1) > 0.9).all()
 
 
 # --- retrieval ---------------------------------------------------------------------------------------
@@ -435,9 +398,24 @@ def test_guard_calibrate_and_bench_guard_commands(tmp_path, grounding_rows):
     result = runner.invoke(app, [*args, "--out", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    for key in ("n", "balanced_accuracy", "auroc", "f1", "p50_ms", "p99_ms", "threshold"):
+    for key in ("n", "balanced_accuracy", "auroc", "f1", "p50_ms", "p95_ms", "p99_ms", "p50_ms_new_context"):
         assert key in report
     assert report["n"] == 240 and report["balanced_accuracy"] > 0.85
+    # one run, two plans: every configured detector vs the weighted ones; no logprobs in the rows,
+    # so uncertainty has no weight and the plan skips it, with the same risks and balanced accuracy
+    everything, plan = report["runs"]["all"], report["runs"]["plan"]
+    assert everything["detectors"] == ["grounding", "uncertainty"] and plan["detectors"] == ["grounding"]
+    assert plan["skipped"] == ["uncertainty"] and report["plan"]["needs_logprobs"] is False
+    assert report["risk_identical"] and plan["balanced_accuracy"] == everything["balanced_accuracy"]
+    for run in (everything, plan):
+        latency = run["latency"]
+        assert set(latency) == {"all_checks", "repeated_context", "new_context"}
+        assert latency["repeated_context"]["n"] + latency["new_context"]["n"] == 240
+        assert {"p50_ms", "p95_ms"} <= set(latency["new_context"])
+    assert report["detectors"]["uncertainty"] == {"known": 0.0, "auroc": None, "weighted": False}
+    measured = report["measured_on"]
+    assert measured["path"] == str(data) and measured["rows"] == 240 and len(measured["sha256"]) == 64
+    assert measured["calibrated_on"] == str(data) and measured["measured_rows_in_calibration"] == 240
     stem = "guard_grounding_cal-grounding"
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.png"]
 

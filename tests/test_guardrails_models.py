@@ -1,5 +1,7 @@
-"""The model-backed detectors: the LLM judge against a tiny local fake endpoint (fault injection: errors,
-timeouts, nonsense) and the NLI detector with a tiny randomly initialised classifier saved to tmp_path."""
+"""The model-backed detectors: the embedding detector (its packaged MiniLM, its hash-keyed bounded cache),
+the LLM judge against a tiny local fake endpoint (fault injection: errors, timeouts, nonsense) and the NLI
+detector with a tiny randomly initialised classifier saved to tmp_path. And the guard's plan: a detector
+the risk model gives no weight is neither built (its model never loaded) nor run, the risk unchanged."""
 
 from __future__ import annotations
 
@@ -11,8 +13,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from core.settings import GuardrailSettings
+from guardrails.calibration import Calibration, DefaultCombination
+from guardrails.detectors.consistency import consistency
+from guardrails.detectors.grounding import grounding
 from guardrails.detectors.judge import JudgeDetector, chat_url, parse_verdict
-from guardrails.types import CheckInput
+from guardrails.detectors.uncertainty import uncertainty
+from guardrails.guard import Guard
+from guardrails.registry import RegistryError
+from guardrails.types import CheckInput, DetectorResult, fields_read, reads
 
 INPUT = CheckInput(question="Where is T417 offered?", answer="Kestrel Bay", context="T417 is offered in Northvale.")
 
@@ -68,6 +77,68 @@ def fake_judge():
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
+
+
+# --- embedding ---------------------------------------------------------------------------------------
+
+
+CONTEXT = "Tariff T417 is offered in Northvale. Tariff T417 has a monthly standing charge of 12.40 EUR."
+
+
+@pytest.fixture(scope="module")
+def embedding_detector():
+    from guardrails.detectors.embedding import EmbeddingDetector
+
+    return EmbeddingDetector()
+
+
+def test_embedding_supported_closer_than_unrelated(embedding_detector):
+    near = embedding_detector(CheckInput("q", "The standing charge of T417 is 12.40 EUR per month.", CONTEXT))
+    far = embedding_detector(CheckInput("q", "Penguins live in Antarctica and eat fish.", CONTEXT))
+    assert near.score < far.score
+    assert "standing charge" in near.evidence["best_sentence"]
+    assert embedding_detector(CheckInput("q", "x", None)).score is None
+    assert embedding_detector(CheckInput("q", "  ", CONTEXT)).score is None
+
+
+def test_embedding_cache_and_warm(embedding_detector):
+    passage = "Tariff T100 is offered in the Dunmore region. Its unit rate is 0.182 EUR/kWh."
+    assert embedding_detector.warm([passage]) == 2
+    assert embedding_detector.warm([passage]) == 0
+
+
+def test_embedding_backends_and_precisions_agree():
+    import numpy as np
+
+    from guardrails.detectors.embedding import SentenceEncoder
+
+    texts = ["The standing charge is 12.40 EUR.", "Northvale"]
+    ref = SentenceEncoder(precision="float32").encode(texts)
+    st = SentenceEncoder(precision="float32", backend="sentence-transformers").encode(texts)
+    int8 = SentenceEncoder(precision="int8").encode(texts)
+    assert ref.shape == (2, 384)
+    assert np.allclose((ref * st).sum(1), 1.0, atol=1e-4)
+    assert ((ref * int8).sum(1) > 0.9).all()
+
+
+def test_embedding_cache_is_keyed_by_hash_and_bounded():
+    import numpy as np
+
+    from core.io import sha256_text
+    from guardrails.detectors.embedding import EmbeddingDetector
+
+    class FakeEncoder:  # one vector per text, no model
+        def encode(self, texts):
+            return np.array([[float(len(t)), 1.0] for t in texts]) / np.hypot([len(t) for t in texts], 1)[:, None]
+
+    detector = EmbeddingDetector(encoder=FakeEncoder(), cache_size=2)
+    assert detector.warm(["One sentence here. Another one there."]) == 2
+    assert list(detector._cache) == [sha256_text("One sentence here."), sha256_text("Another one there.")]
+    detector.warm(["A third sentence."])
+    assert len(detector._cache) == 2 and sha256_text("A third sentence.") in detector._cache
+    assert detector(CheckInput("q", "A third one.", "A third sentence.")).score is not None
+    detector.clear_cache()
+    assert not detector._cache
 
 
 def _judge(base: str, mode: str, timeout_s: float = 5.0) -> JudgeDetector:
@@ -206,3 +277,98 @@ def test_registry_builds_nli_and_judge_from_settings(tmp_path, fake_judge):
     detectors = build_detectors(settings)
     assert detectors["judge"](INPUT).score == pytest.approx(0.2)
     assert 0.0 <= detectors["nli"](INPUT).score <= 1.0
+
+
+# --- the plan: only what the risk model weighs runs -------------------------------------------------
+
+
+class Counting:
+    """A detector that counts its calls; `score=None` answers unknown, `fail` raises."""
+
+    def __init__(self, name: str, score: float | None = 0.5, fail: bool = False) -> None:
+        self.name, self.score, self.fail, self.calls = name, score, fail, 0
+
+    def __call__(self, inp: CheckInput) -> DetectorResult:
+        self.calls += 1
+        if self.fail:
+            raise RuntimeError("boom")
+        if self.score is None:
+            return DetectorResult.unknown(self.name, "cannot tell")
+        return DetectorResult(self.name, self.score, {"features": {"part": self.score / 2}})
+
+
+def _calibration(values: dict[str, float], unknowns: dict[str, float] | None = None) -> Calibration:
+    """A calibration with the given coefficients per feature (value column, then unknown indicator)."""
+    names, unknowns = list(values), unknowns or {}
+    n = len(names)
+    coef = [values[f] for f in names] + [unknowns.get(f, 0.0) for f in names]
+    return Calibration(names, [0.3] * n, [0.2] * 2 * n, [0.5] * 2 * n, coef, -0.4, 0.5)
+
+
+RISK_MODELS = {
+    "calibration": _calibration(
+        {"a": 1.2, "a.part": 0.7, "b": 0.0, "b.part": 0.0, "c": 0.0, "c.part": 0.0, "d": 0.0},
+        {"c": 0.9},  # c weighs only through its unknown indicator: it runs
+    ),
+    "default": DefaultCombination(weights={"a": 0.6, "b": 0.0, "c": 0.3, "d": 0.0}),
+}
+
+
+@pytest.mark.parametrize("model", RISK_MODELS, ids=list(RISK_MODELS))
+@pytest.mark.parametrize("b_score", [0.9, None, "fail"])
+def test_zero_weight_detector_is_not_called_and_the_risk_is_unchanged(model, b_score):
+    risk_model = RISK_MODELS[model]
+
+    def detectors():
+        b = Counting("b", fail=True) if b_score == "fail" else Counting("b", b_score)
+        return {"a": Counting("a", 0.8), "b": b, "c": Counting("c", None), "d": Counting("d", 0.1)}
+
+    planned, full = detectors(), detectors()
+    plan = Guard(detectors=planned, risk_model=risk_model)
+    everything = Guard(detectors=full, risk_model=risk_model, only_weighted=False)
+    assert plan.active == ("a", "c") and plan.skipped == ("b", "d")
+    assert everything.active == ("a", "b", "c", "d") and everything.skipped == ()
+    for answer in ("one", "two", "three"):
+        report, reference = plan.check(CheckInput("q", answer, "ctx")), everything.check(CheckInput("q", answer, "ctx"))
+        assert report.risk == reference.risk  # exactly: the skipped columns contributed nothing
+        assert set(report.results) == {"a", "c"} and report.skipped == ("b", "d")
+        assert report.to_dict()["skipped"] == ["b", "d"] and report.unknown == ["c"]
+    assert [planned[n].calls for n in "abcd"] == [3, 0, 3, 0]
+    assert [full[n].calls for n in "abcd"] == [3, 3, 3, 3]
+
+
+def test_needs_logprobs_needs_samples_and_active_follow_the_calibration():
+    detectors = {"grounding": grounding, "uncertainty": uncertainty, "consistency": consistency}
+    cases = [
+        ({"grounding": 1.0, "grounding.scatter": 2.0}, ("grounding",), 0, 0),
+        ({"grounding": 1.0, "uncertainty": 0.5, "uncertainty.entropy": 0.0}, ("grounding", "uncertainty"), 1, 0),
+        ({"grounding": 0.0, "uncertainty.min_prob": 0.4, "consistency": 0.8}, ("uncertainty", "consistency"), 1, 1),
+        ({"consistency.exact_mismatch": 0.3, "grounding": 0.0}, ("consistency",), 0, 1),
+    ]
+    for coefs, active, logprobs, samples in cases:
+        guard = Guard(detectors=detectors, risk_model=_calibration(coefs))
+        assert (guard.active, guard.needs_logprobs, guard.needs_samples) == (active, bool(logprobs), bool(samples))
+    default = Guard(detectors=detectors, risk_model=DefaultCombination())
+    assert default.active == ("grounding", "uncertainty", "consistency") and default.needs_samples
+    unseen = Guard(detectors=detectors, risk_model=_calibration({"judge": 1.0}))  # calibrated on other detectors
+    assert unseen.active == () and not unseen.needs_logprobs and unseen.check(CheckInput("q", "a")).results == {}
+    assert fields_read(uncertainty) == {"token_logprobs", "top_logprobs"} and fields_read(lambda i: None) == set()
+    with pytest.raises(ValueError, match="not CheckInput fields"):
+        reads("logprobs")
+
+
+def test_a_model_nobody_weighs_is_never_loaded(tmp_path):
+    # nli without `nli_model_path` cannot be built: with no weight it is not even tried
+    settings = GuardrailSettings(detectors=["grounding", "nli", "embedding"])
+    path = _calibration({"grounding": 1.0, "nli": 0.0, "embedding": 0.0}).save(tmp_path / "c.json")
+    guard = Guard(settings, path)
+    assert guard.active == ("grounding",) and guard.skipped == ("nli", "embedding")
+    assert list(guard.detectors) == ["grounding"]  # the embedding model was not loaded either
+    assert guard.check(CheckInput("q", "Northvale", "T417 is offered in Northvale.")).skipped == ("nli", "embedding")
+    with pytest.raises(RegistryError, match="nli_model_path"):
+        Guard(settings, _calibration({"grounding": 1.0, "nli": 0.5}).save(tmp_path / "nli.json"))
+    with pytest.raises(RegistryError, match="unknown detector `nope`"):  # a typo is still an error
+        Guard(GuardrailSettings(detectors=["grounding", "nope"]), path)
+    assert Guard(settings, risk_model=DefaultCombination(weights={"nli": 0.0, "embedding": 0.0})).active == (
+        "grounding",
+    )
