@@ -15,10 +15,24 @@ REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = Path(os.environ.get("TUNEGATE_TEST_MODELS_DIR", REPO / "var" / "models"))
 
 
+def skip_or_fail(reason: str) -> None:
+    """A missing service skips a test on a developer's machine, but fails the run in CI (`CI=true`):
+    a suite that skips in silence can pass without ever touching PostgreSQL or the browser."""
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{reason} (CI=true: a missing service fails the run; see deploy/scripts/ensure-services.sh)")
+    pytest.skip(reason)
+
+
 def postgres_server_urls() -> list[str]:
     if url := os.environ.get("TUNEGATE_TEST_POSTGRES_URL"):
         return [url]
-    return ["postgresql://root@127.0.0.1:5432/test", "postgresql://postgres@127.0.0.1:5432/test"]
+    # The role and database `deploy/scripts/ensure-services.sh` creates (password auth works on a fresh
+    # Debian install), then the trust-auth ones of a developer machine.
+    return [
+        "postgresql://tunegate:tunegate@127.0.0.1:5432/tunegate",
+        "postgresql://root@127.0.0.1:5432/test",
+        "postgresql://postgres@127.0.0.1:5432/test",
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +51,7 @@ def postgres_database():
         except psycopg.OperationalError as err:
             errors.append(f"{server_url}: {err}".strip())
     else:
-        pytest.skip("PostgreSQL is not reachable: " + "; ".join(errors))
+        skip_or_fail("PostgreSQL is not reachable: " + "; ".join(errors))
     name = f"tunegate_test_{uuid.uuid4().hex[:12]}"
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')

@@ -12,6 +12,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
 
 from core.db import make_engine, session_factory, session_scope, upgrade, utcnow
 from core.keys import create_key
@@ -19,15 +26,7 @@ from core.settings import load_settings
 from gateway.app import create_app
 from gateway.review.service import ReviewService
 
-from .conftest import REPO, ServerThread
-
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support import expected_conditions as ec  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from .conftest import REPO, ServerThread, skip_or_fail
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = REPO / "bench" / "out" / "review" / "page.png"
@@ -38,7 +37,7 @@ FIXED = "Tariff T896 is available in Leeds only, with a fixed price until 2027."
 @pytest.fixture
 def browser(tmp_path, monkeypatch):
     if not (Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists()):
-        pytest.skip("Debian's chromium and chromium-driver are not installed (deploy/scripts/ensure-services.sh)")
+        skip_or_fail("Debian's chromium and chromium-driver are not installed (deploy/scripts/ensure-services.sh)")
     monkeypatch.setenv("SE_OFFLINE", "true")  # selenium must never download a browser or a driver
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
