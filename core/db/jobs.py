@@ -21,6 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from core.db.leases import claim_next
 from core.db.models import Job, utcnow
 from core.vocab import JobStatus
 
@@ -79,49 +80,25 @@ def _fail_abandoned_on_last_attempt(session: Session, now: datetime) -> None:
 def claim(session: Session, worker: str, kinds: Iterable[str] | None = None, lease_s: float = 300) -> Job | None:
     """Take the most urgent due job (of `kinds`, if given) for `worker`, or None when there is none.
 
-    Commit right after: until then other workers skip (PostgreSQL) or wait for (SQLite) the row.
+    Commit right after: until then other workers skip (PostgreSQL) or wait for (SQLite) the row. The
+    race between workers is `core.db.leases.claim_next`'s (one winner per job).
     """
     now = utcnow()
     _fail_abandoned_on_last_attempt(session, now)
-    claimable = _claimable(now, kinds)
-    most_urgent_first = (Job.priority.desc(), Job.created_at, Job.id)
-    lease_expires_at = now + timedelta(seconds=lease_s)
-
-    if session.get_bind().dialect.name == "postgresql":
-        # Rows another worker has locked are skipped rather than waited for: N workers claim N jobs.
-        job = session.scalars(
-            sa.select(Job).where(claimable).order_by(*most_urgent_first).limit(1).with_for_update(skip_locked=True)
-        ).first()
-        if job is None:
-            return None
-        job.status = JobStatus.RUNNING
-        job.claimed_by = worker
-        job.attempts += 1
-        job.lease_expires_at = lease_expires_at
-        job.started_at = now
-        session.flush()
-        return job
-
-    # SQLite has no row locks: pick a candidate, then take it only if it is still claimable. The
-    # UPDATE's row count says whether this worker won; a loser tries the next candidate.
-    while True:
-        job_id = session.scalar(sa.select(Job.id).where(claimable).order_by(*most_urgent_first).limit(1))
-        if job_id is None:
-            return None
-        taken = session.execute(
-            sa.update(Job)
-            .where(Job.id == job_id, claimable)
-            .values(
-                status=JobStatus.RUNNING,
-                claimed_by=worker,
-                attempts=Job.attempts + 1,
-                lease_expires_at=lease_expires_at,
-                started_at=now,
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if taken.rowcount == 1:
-            return session.get(Job, job_id, populate_existing=True)
+    job_id = claim_next(
+        session,
+        Job,
+        _claimable(now, kinds),
+        order_by=(Job.priority.desc(), Job.created_at, Job.id),  # most urgent first
+        values={
+            "status": JobStatus.RUNNING,
+            "claimed_by": worker,
+            "attempts": Job.attempts + 1,
+            "lease_expires_at": now + timedelta(seconds=lease_s),
+            "started_at": now,
+        },
+    )
+    return None if job_id is None else session.get(Job, job_id, populate_existing=True)
 
 
 def _update_if_still_owned(session: Session, job: Job, **values: Any) -> Job:
