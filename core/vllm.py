@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,14 +196,45 @@ def chat_greedy(
     return asyncio.run(_chat_all(url, model, conversations, max_tokens, concurrency, **params))
 
 
+# --- vLLM's runtime adapter endpoints: one request shape and one reading of the answer, for the sync
+# client (training, benchmarks, the demo) and the async one (the gateway, through its circuit breaker).
+
+AdapterPost = Callable[[str, dict[str, Any]], Awaitable[httpx.Response]]
+
+
+def _adapter_request(action: str, name: str, path: Path | None = None) -> tuple[str, dict[str, Any]]:
+    """The endpoint and body that `load`s (from `path`) or `unload`s the adapter `name`."""
+    body: dict[str, Any] = {"lora_name": name}
+    if path is not None:
+        body["lora_path"] = str(path)
+    return f"/v1/{action}_lora_adapter", body
+
+
+def _adapter_done(action: str, name: str, resp: httpx.Response) -> None:
+    """Raise `VllmError` unless vLLM did it; loading an adapter it already has counts as done."""
+    if resp.status_code == 200 or (action == "load" and "already been loaded" in resp.text):
+        return
+    raise VllmError(f"{action}ing adapter `{name}` failed ({resp.status_code}): {resp.text[:300]}")
+
+
 def load_adapter(url: str, name: str, path: Path) -> None:
     """Load a LoRA adapter into a running server under `name` (runtime loading must be enabled)."""
-    resp = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=120)
-    if resp.status_code != 200 and "already been loaded" not in resp.text:
-        raise VllmError(f"loading adapter `{name}` failed ({resp.status_code}): {resp.text[:300]}")
+    endpoint, body = _adapter_request("load", name, path)
+    _adapter_done("load", name, httpx.post(url + endpoint, json=body, timeout=120))
 
 
 def unload_adapter(url: str, name: str) -> None:
-    resp = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
-    if resp.status_code != 200:
-        raise VllmError(f"unloading adapter `{name}` failed ({resp.status_code}): {resp.text[:300]}")
+    endpoint, body = _adapter_request("unload", name)
+    _adapter_done("unload", name, httpx.post(url + endpoint, json=body, timeout=60))
+
+
+async def load_adapter_async(post: AdapterPost, name: str, path: Path) -> None:
+    """`load_adapter` for async callers: `post(endpoint, body)` sends the request (e.g. through a
+    circuit breaker) and returns vLLM's response; raises `VllmError` as the sync variant does."""
+    endpoint, body = _adapter_request("load", name, path)
+    _adapter_done("load", name, await post(endpoint, body))
+
+
+async def unload_adapter_async(post: AdapterPost, name: str) -> None:
+    endpoint, body = _adapter_request("unload", name)
+    _adapter_done("unload", name, await post(endpoint, body))
