@@ -7,15 +7,17 @@ Lifecycle of an item (`review_items.status`)::
                  +-- lease runs out ----+
     a held item not decided within `review.hold_timeout_s` -> expired (`review.hold_fallback`)
 
-* `claim` hands each item to one reviewer at a time under a lease (`review.lease_s`): on PostgreSQL
-  `SELECT ... FOR UPDATE SKIP LOCKED`, on SQLite a conditional UPDATE whose row count decides who
-  won (the same protocol as `core.db.jobs`). Held items come before sampled ones (a client is
-  waiting for them), oldest first; a reviewer is never handed an item they already judged.
+* `claim` hands each item to one reviewer at a time under a lease (`review.lease_s`), through
+  `core.db.leases.claim_next` (the jobs queue's too): on PostgreSQL `SELECT ... FOR UPDATE SKIP
+  LOCKED`, on SQLite a conditional UPDATE whose row count decides who won. Held items come before
+  sampled ones (a client is waiting for them), oldest first; a reviewer is never handed an item
+  they already judged.
 * `decide` is accepted only from the reviewer whose lease is live (else `Conflict`, 409). With
   overlap (`review.required_verdicts` = k > 1) the item goes back to the queue until it has k
-  verdicts; then the majority wins, a tie going to the more conservative verdict
-  (reject > edit > approve), and an edit's answer is that of the latest edit. Approved and corrected
-  answers become training examples (dataset `reviewed`, kind train, source `review`).
+  verdicts; then `gateway.review.outcomes` decides it: the majority wins, a tie going to the more
+  conservative verdict (reject > edit > approve), and an edit's answer is that of the latest edit.
+  Approved and corrected answers become training examples (dataset `reviewed`, kind train, source
+  `review`).
 * Expiry is applied lazily (`outcome` of an overdue item) and by `expire_overdue()`, which `claim`
   also runs first; each item expires exactly once, whoever gets there first.
 * Every step writes an `audit_log` row in the same transaction as the change it records. The
@@ -37,26 +39,20 @@ Every method is synchronous (SQLAlchemy sessions); routes run them with `asyncio
 
 from __future__ import annotations
 
-import hashlib
-import json
-import logging
-import threading
-import warnings
-from collections import Counter, defaultdict
 from datetime import datetime, timedelta
-from itertools import combinations
 from typing import Any
 
-import httpx
 from sqlalchemy import and_, case, exists, func, insert, or_, select, update
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import AuditLog, Dataset, Example, Request, ReviewDecision, ReviewItem, session_scope, utcnow
+from core.db import Request, ReviewDecision, ReviewItem, session_scope, utcnow
+from core.db.leases import claim_next
 from core.db.models import new_uuid_hex
 from core.settings import ReviewSettings
-from core.vocab import DatasetKind, ExampleSource, ReviewReason, ReviewStatus, Verdict
+from core.vocab import Decision, ReviewReason, ReviewStatus, Verdict
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.review import outcomes
+from gateway.review.outcomes import audit
 from gateway.review.schemas import (
     AgreementRow,
     DecisionResult,
@@ -66,14 +62,8 @@ from gateway.review.schemas import (
     decision_problem,
 )
 
-log = logging.getLogger("tunegate.review")
-
-REVIEWED_DATASET = "reviewed"
-WEBHOOK_TIMEOUT_S = 3.0
-# Ties between verdicts go to the more conservative one.
-CAUTION = {Verdict.APPROVE: 0, Verdict.EDIT: 1, Verdict.REJECT: 2}
-HELD, PENDING, CLAIMED = ReviewReason.HELD.value, ReviewStatus.PENDING.value, ReviewStatus.CLAIMED.value
-DECIDED, EXPIRED = ReviewStatus.DECIDED.value, ReviewStatus.EXPIRED.value
+HELD, PENDING, CLAIMED = ReviewReason.HELD, ReviewStatus.PENDING, ReviewStatus.CLAIMED
+DECIDED, EXPIRED = ReviewStatus.DECIDED, ReviewStatus.EXPIRED
 
 
 class ReviewNotFound(GatewayError):
@@ -91,9 +81,11 @@ class Conflict(GatewayError):
 
 
 class ReviewService:
+    """The queue's operations (see the module docstring); what a verdict produces is `outcomes`'."""
+
     def __init__(self, sessions: sessionmaker[Session], settings: ReviewSettings) -> None:
         self.sessions, self.settings = sessions, settings
-        self._webhooks: list[threading.Thread] = []
+        self.webhooks = outcomes.Webhooks(settings.webhook_url)
 
     # --- the gateway's side ---------------------------------------------------------------------
 
@@ -112,7 +104,8 @@ class ReviewService:
         `unsupported_spans` are merged into the row's `guardrail_scores` (shape in the module docstring).
 
         The row is written here, so the caller must not also `record()` it in the traffic log. It is
-        stored as given (no PII masking): the reviewer must read the answer and the client get it back.
+        stored as given: the gateway's `Recorder.hold` builds it and applies the privacy settings first,
+        exactly as for the traffic log.
         """
         if reason not in {r.value for r in ReviewReason}:
             raise ValueError(f"`reason` {reason!r} is not one of {', '.join(r.value for r in ReviewReason)}")
@@ -129,7 +122,7 @@ class ReviewService:
             document["unsupported_spans"] = [[int(start), int(end)] for start, end in unsupported_spans]
         row["guardrail_scores"] = document or None
         if reason == HELD and not row.get("decision"):
-            row["decision"] = "hold"
+            row["decision"] = Decision.HOLD
         item_id = new_uuid_hex()
         with session_scope(self.sessions) as session:
             session.execute(insert(Request).values(**row))
@@ -144,7 +137,7 @@ class ReviewService:
                 )
             )
             session.add(
-                _audit(
+                audit(
                     "gateway",
                     "review.hold",
                     item_id,
@@ -161,10 +154,10 @@ class ReviewService:
             if item is None or (api_key_id is not None and item.request.api_key_id != api_key_id):
                 raise ReviewNotFound(f"no review item `{item_id}` for this key")
             if not self._overdue(item, utcnow()):
-                return _outcome(item, self.settings)
+                return outcomes.outcome(item, self.settings)
         self._expire([item_id])
         with self.sessions() as session:
-            return _outcome(session.get_one(ReviewItem, item_id), self.settings)
+            return outcomes.outcome(session.get_one(ReviewItem, item_id), self.settings)
 
     def expire_overdue(self) -> int:
         """Apply `review.hold_fallback` to every held item past `review.hold_timeout_s`; returns how many."""
@@ -176,44 +169,18 @@ class ReviewService:
         """Lease the next item to `reviewer` (held before sampled, oldest first), or None if none is left."""
         self.expire_overdue()
         now = utcnow()
-        claimable = self._claimable(now, reviewer)
-        taken = {
-            "status": CLAIMED,
-            "claimed_by": reviewer,
-            "lease_expires_at": now + timedelta(seconds=self.settings.lease_s),
-        }
+        lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
         with session_scope(self.sessions) as session:
-            if session.get_bind().dialect.name == "postgresql":
-                # Rows another reviewer is claiming right now are skipped, not waited for; the row lock
-                # also re-checks `claimable` against a claim committed since this statement began.
-                item_id = session.scalar(
-                    select(ReviewItem.id)
-                    .where(claimable)
-                    .order_by(*self._claim_order())
-                    .limit(1)
-                    .with_for_update(of=ReviewItem, skip_locked=True)
-                )
-                if item_id is None:
-                    return None
-                session.execute(update(ReviewItem).where(ReviewItem.id == item_id).values(**taken))
-            else:
-                # SQLite has no row locks: pick a candidate, take it only if it is still claimable; the
-                # UPDATE's row count says whether this reviewer won, a loser tries the next candidate.
-                while True:
-                    item_id = session.scalar(
-                        select(ReviewItem.id).where(claimable).order_by(*self._claim_order()).limit(1)
-                    )
-                    if item_id is None:
-                        return None
-                    won = session.execute(
-                        update(ReviewItem)
-                        .where(ReviewItem.id == item_id, claimable)
-                        .values(**taken)
-                        .execution_options(synchronize_session=False)
-                    )
-                    if won.rowcount == 1:
-                        break
-            session.add(_audit(reviewer, "review.claim", item_id, {"lease_expires_at": taken["lease_expires_at"]}))
+            item_id = claim_next(
+                session,
+                ReviewItem,
+                self._claimable(now, reviewer),
+                self._claim_order(),
+                {"status": CLAIMED, "claimed_by": reviewer, "lease_expires_at": lease_expires_at},
+            )
+            if item_id is None:
+                return None
+            session.add(audit(reviewer, "review.claim", item_id, {"lease_expires_at": lease_expires_at}))
             item = session.get_one(ReviewItem, item_id, populate_existing=True)
             return self._public(item, self._verdict_counts(session, [item_id]))
 
@@ -259,7 +226,7 @@ class ReviewService:
                     )
                 )
                 detail = {"verdict": verdict, "reason": reason.strip() or None, "corrected_answer": corrected_answer}
-                session.add(_audit(reviewer, "review.decision", item_id, detail))
+                session.add(audit(reviewer, "review.decision", item_id, detail))
                 session.flush()
                 item = session.get_one(ReviewItem, item_id, populate_existing=True)
                 decisions = session.scalars(
@@ -268,7 +235,7 @@ class ReviewService:
                     .order_by(ReviewDecision.created_at, ReviewDecision.id)
                 ).all()
                 if len(decisions) >= item.required_verdicts:
-                    decided = self._finalize(session, item, decisions, now)
+                    decided = outcomes.finalize(session, item, decisions, now, self.settings)
                 result = DecisionResult(
                     id=item.id,
                     status=item.status,
@@ -282,7 +249,7 @@ class ReviewService:
                 self._expire([item_id])
             raise refusal
         if decided is not None:
-            self._notify([decided])
+            self.webhooks.notify([decided])
         return result
 
     def queue(self, limit: int = 20) -> QueuePublic:
@@ -299,40 +266,15 @@ class ReviewService:
 
     def agreement(self) -> list[AgreementRow]:
         """Cohen's kappa for every pair of reviewers over the items both judged."""
-        from sklearn.metrics import cohen_kappa_score
-
         with self.sessions() as session:
             rows = session.execute(
                 select(ReviewDecision.review_item_id, ReviewDecision.reviewer, ReviewDecision.verdict)
             ).all()
-        verdicts: dict[str, dict[str, str]] = defaultdict(dict)  # reviewer -> item -> verdict
-        for item_id, reviewer, verdict in rows:
-            verdicts[reviewer][item_id] = verdict
-        labels = [v.value for v in Verdict]
-        table = []
-        for a, b in combinations(sorted(verdicts), 2):
-            shared = sorted(verdicts[a].keys() & verdicts[b].keys())
-            if not shared:
-                continue
-            ya, yb = [verdicts[a][i] for i in shared], [verdicts[b][i] for i in shared]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # undefined kappa (one label only) is reported as None
-                kappa = float(cohen_kappa_score(ya, yb, labels=labels))
-            table.append(
-                AgreementRow(
-                    reviewer_a=a,
-                    reviewer_b=b,
-                    n=len(shared),
-                    observed_agreement=sum(x == y for x, y in zip(ya, yb, strict=True)) / len(shared),
-                    kappa=None if kappa != kappa else kappa,  # NaN -> None
-                )
-            )
-        return table
+        return outcomes.agreement(rows)
 
-    def wait_for_webhooks(self, timeout_s: float = WEBHOOK_TIMEOUT_S + 1) -> None:
+    def wait_for_webhooks(self, timeout_s: float = outcomes.WEBHOOK_TIMEOUT_S + 1) -> None:
         """Block until the webhook posts started so far have finished (tests, shutdown)."""
-        for thread in list(self._webhooks):
-            thread.join(timeout_s)
+        self.webhooks.wait(timeout_s)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -390,64 +332,6 @@ class ReviewService:
             f"review item `{item_id}` is not claimed by you: claim it first (`POST /v1/review/claim`)", "not_claimed"
         )
 
-    def _finalize(
-        self, session: Session, item: ReviewItem, decisions: list[ReviewDecision], now: datetime
-    ) -> ReviewOutcome | None:
-        """Majority verdict (ties: the more conservative), the answer it delivers, the training example."""
-        counts = Counter(Verdict(d.verdict) for d in decisions)
-        final = max(counts, key=lambda v: (counts[v], CAUTION[v]))
-        if final == Verdict.EDIT:
-            answer = [d.corrected_answer for d in decisions if d.verdict == Verdict.EDIT][-1]
-        elif final == Verdict.APPROVE:
-            answer = item.request.answer_text
-        else:
-            answer = None
-        item.status, item.final_verdict, item.final_answer, item.decided_at = DECIDED, final.value, answer, now
-        item.claimed_by = item.lease_expires_at = None
-        detail = {"verdict": final.value, "verdicts": {d.reviewer: d.verdict for d in decisions}}
-        session.add(_audit("review", "review.decided", item.id, detail))
-        if answer is not None and final in (Verdict.APPROVE, Verdict.EDIT):
-            self._add_example(session, item, answer)
-        session.flush()
-        return _outcome(item, self.settings) if item.reason == HELD else None
-
-    def _add_example(self, session: Session, item: ReviewItem, answer: str) -> None:
-        messages = [*_conversation(item.request), {"role": "assistant", "content": answer}]
-        digest = hashlib.sha256(json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        example = Example(
-            dataset_id=self._reviewed_dataset(session),
-            messages=messages,
-            source=ExampleSource.REVIEW,
-            source_request_id=item.request_id,
-            content_hash=digest,
-        )
-        session.add(example)
-        session.flush()
-        session.add(
-            _audit("review", "example.create", item.id, {"example_id": example.id, "dataset_id": example.dataset_id})
-        )
-
-    @staticmethod
-    def _reviewed_dataset(session: Session) -> int:
-        """The newest unfrozen version of the `reviewed` dataset, created (next version) when there is none."""
-        versions = session.execute(
-            select(Dataset.id, Dataset.version, Dataset.frozen)
-            .where(Dataset.name == REVIEWED_DATASET)
-            .order_by(Dataset.version.desc())
-        ).all()
-        if versions and not versions[0].frozen:
-            return versions[0].id
-        version = versions[0].version + 1 if versions else 1
-        try:
-            with session.begin_nested():  # another process may create it at the same moment
-                dataset = Dataset(name=REVIEWED_DATASET, version=version, kind=DatasetKind.TRAIN)
-                session.add(dataset)
-            return dataset.id
-        except IntegrityError:
-            return session.scalar(
-                select(Dataset.id).where(Dataset.name == REVIEWED_DATASET, Dataset.version == version)
-            )
-
     def _expire(self, item_ids: list[str] | None) -> list[ReviewOutcome]:
         """Expire the overdue held items among `item_ids` (None: all); each expires exactly once."""
         now = utcnow()
@@ -455,7 +339,7 @@ class ReviewService:
         overdue = and_(
             ReviewItem.reason == HELD, ReviewItem.status.in_((PENDING, CLAIMED)), ReviewItem.created_at <= cutoff
         )
-        outcomes = []
+        expired = []
         with session_scope(self.sessions) as session:
             if item_ids is None:
                 item_ids = list(session.scalars(select(ReviewItem.id).where(overdue).order_by(ReviewItem.created_at)))
@@ -473,20 +357,11 @@ class ReviewService:
                 release = self.settings.hold_fallback == "release"
                 item.final_answer = item.request.answer_text if release else None
                 detail = {"hold_fallback": self.settings.hold_fallback, "hold_timeout_s": self.settings.hold_timeout_s}
-                session.add(_audit("review", "review.expired", item_id, detail))
+                session.add(audit("review", "review.expired", item_id, detail))
                 session.flush()
-                outcomes.append(_outcome(item, self.settings))
-        self._notify(outcomes)
-        return outcomes
-
-    def _notify(self, outcomes: list[ReviewOutcome]) -> None:
-        url = self.settings.webhook_url
-        if not url or not outcomes:
-            return
-        payloads = [o.model_dump(mode="json") for o in outcomes]
-        thread = threading.Thread(target=_post_all, args=(url, payloads), name="review-webhook", daemon=True)
-        self._webhooks = [t for t in self._webhooks if t.is_alive()] + [thread]
-        thread.start()
+                expired.append(outcomes.outcome(item, self.settings))
+        self.webhooks.notify(expired)
+        return expired
 
     @staticmethod
     def _verdict_counts(session: Session, item_ids: list[str]) -> dict[str, int]:
@@ -507,7 +382,7 @@ class ReviewService:
             status=item.status,
             reason=item.reason,
             route=request.route,
-            question=_question(request),
+            question=outcomes.question(request),
             prompt=request.prompt_text,
             context=document.get("context"),
             answer=request.answer_text,
@@ -517,84 +392,7 @@ class ReviewService:
             created_at=item.created_at,
             claimed_by=item.claimed_by,
             lease_expires_at=item.lease_expires_at,
-            hold_expires_at=_hold_expires_at(item, self.settings),
+            hold_expires_at=outcomes.hold_expires_at(item, self.settings),
             required_verdicts=item.required_verdicts,
             verdicts=verdict_counts.get(item.id, 0),
         )
-
-
-def _audit(actor: str, action: str, item_id: str, detail: dict[str, Any]) -> AuditLog:
-    detail = {k: v.isoformat() if isinstance(v, datetime) else v for k, v in detail.items()}
-    return AuditLog(actor=actor, action=action, object_type="review_item", object_id=item_id, detail=detail)
-
-
-def _hold_expires_at(item: ReviewItem, settings: ReviewSettings) -> datetime | None:
-    return item.created_at + timedelta(seconds=settings.hold_timeout_s) if item.reason == HELD else None
-
-
-def _outcome(item: ReviewItem, settings: ReviewSettings) -> ReviewOutcome:
-    if item.status == DECIDED:
-        message = {
-            Verdict.APPROVE: "approved by a reviewer: `answer` is the original answer",
-            Verdict.EDIT: "corrected by a reviewer: `answer` is the corrected answer",
-            Verdict.REJECT: "rejected by a reviewer: no answer is released",
-        }[Verdict(item.final_verdict)]
-    elif item.status == EXPIRED:
-        waited = f"no reviewer decided within {settings.hold_timeout_s:g} s"
-        message = (
-            f"{waited}: the original answer is released unreviewed"
-            if item.final_answer is not None
-            else f"{waited}: no answer is released"
-        )
-    else:
-        message = "waiting for a reviewer; ask again later"
-    return ReviewOutcome(
-        id=item.id,
-        request_id=item.request_id,
-        reason=item.reason,
-        status=item.status,
-        done=item.status in (DECIDED, EXPIRED),
-        verdict=item.final_verdict,
-        answer=item.final_answer if item.status in (DECIDED, EXPIRED) else None,
-        message=message,
-        created_at=item.created_at,
-        decided_at=item.decided_at,
-        hold_expires_at=_hold_expires_at(item, settings),
-    )
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
-
-
-def _conversation(request: Request) -> list[dict[str, Any]]:
-    """The request's chat messages (a completion prompt becomes one user message)."""
-    body = request.request_json or {}
-    if isinstance(body.get("messages"), list):
-        return [{"role": m.get("role"), "content": _text(m.get("content"))} for m in body["messages"]]
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    return [{"role": "user", "content": request.prompt_text or ""}]
-
-
-def _question(request: Request) -> str:
-    body = request.request_json or {}
-    users = [m for m in body.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
-    if users:
-        return _text(users[-1].get("content"))
-    if isinstance(body.get("prompt"), str):
-        return body["prompt"]
-    return request.prompt_text or ""
-
-
-def _post_all(url: str, payloads: list[dict[str, Any]]) -> None:
-    for payload in payloads:
-        try:
-            httpx.post(url, json=payload, timeout=WEBHOOK_TIMEOUT_S).raise_for_status()
-        except Exception as err:  # best effort: the outcome stays readable at GET /v1/reviews/{id}
-            log.warning("review webhook %s for item %s failed: %s", url, payload.get("id"), err)
