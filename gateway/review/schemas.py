@@ -1,6 +1,7 @@
 """What the review API accepts and returns: separate models for what a reviewer sends (`DecisionCreate`,
 strict), what a reviewer sees (`ReviewItemPublic`, `QueuePublic`, `DecisionResult`, `AgreementRow`) and
 what the held client gets back (`ReviewOutcome`). Nothing here is a database row; the service builds them.
+Verdicts, statuses and reasons are `core.vocab`'s StrEnums (sent and shown as their values).
 """
 
 from __future__ import annotations
@@ -10,16 +11,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-VerdictName = Literal["approve", "reject", "edit"]
-StatusName = Literal["pending", "claimed", "decided", "expired"]
+from core.vocab import ReviewReason, ReviewStatus, Verdict
 
 
 class ReviewItemPublic(BaseModel):
     """One item as the reviewer's page shows it."""
 
     id: str
-    status: StatusName
-    reason: Literal["held", "sampled"] = Field(description="`held`: the client waits for this verdict.")
+    status: ReviewStatus
+    reason: ReviewReason = Field(description="`held`: the client waits for this verdict.")
     route: str
     question: str = Field(description="The last user message (or the completion prompt).")
     prompt: str | None = Field(None, description="The whole conversation as logged (`role: text` lines).")
@@ -51,7 +51,7 @@ class DecisionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    verdict: VerdictName
+    verdict: Verdict
     corrected_answer: str | None = Field(None, max_length=100_000, description="Required when `verdict` is `edit`.")
     reason: str = Field("", max_length=2_000, description="Why; required for `reject` and `edit`.")
 
@@ -66,17 +66,17 @@ class DecisionCreate(BaseModel):
 def decision_problem(verdict: str, corrected_answer: str | None, reason: str) -> tuple[str, str] | None:
     """What is wrong with a decision, as (parameter, message), or None; shared by the request model
     and the service."""
-    if verdict == "edit" and not (corrected_answer or "").strip():
+    if verdict == Verdict.EDIT and not (corrected_answer or "").strip():
         return (
             "corrected_answer",
             "`corrected_answer` is required when `verdict` is `edit`: send the answer as it should read",
         )
-    if verdict != "edit" and corrected_answer is not None:
+    if verdict != Verdict.EDIT and corrected_answer is not None:
         return (
             "corrected_answer",
             f"`corrected_answer` is only for `verdict` `edit` (this one is `{verdict}`); leave it out",
         )
-    if verdict in ("reject", "edit") and not reason.strip():
+    if verdict in (Verdict.REJECT, Verdict.EDIT) and not reason.strip():
         return "reason", f"`reason` is required for `{verdict}`: say briefly what was wrong with the answer"
     return None
 
@@ -85,10 +85,10 @@ class DecisionResult(BaseModel):
     """The item after a verdict: still waiting for more verdicts (overlap), or decided."""
 
     id: str
-    status: StatusName
+    status: ReviewStatus
     verdicts: int
     required_verdicts: int
-    final_verdict: VerdictName | None = None
+    final_verdict: Verdict | None = None
     final_answer: str | None = None
 
 
@@ -98,10 +98,10 @@ class ReviewOutcome(BaseModel):
     id: str
     object: Literal["review.outcome"] = "review.outcome"
     request_id: str
-    reason: Literal["held", "sampled"]
-    status: StatusName
+    reason: ReviewReason
+    status: ReviewStatus
     done: bool = Field(description="True once the outcome is final (`decided` or `expired`).")
-    verdict: VerdictName | None = Field(None, description="The final verdict; None while waiting or when expired.")
+    verdict: Verdict | None = Field(None, description="The final verdict; None while waiting or when expired.")
     answer: str | None = Field(
         None, description="The answer to deliver: the approved or corrected one, the released original, or None."
     )
