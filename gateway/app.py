@@ -1,6 +1,7 @@
 """The gateway application: `create_app()` builds the FastAPI app; its lifespan builds the services
-(vLLM client, router, adapter manager, limits, traffic log, metrics) and tears them down, writing
-every queued traffic-log row before the process exits.
+(vLLM client, router, adapter manager, limits, guard, recorder and traffic log, review queue, metrics)
+into one `Services` container, which the providers of `gateway.deps` hand out piece by piece, and
+tears them down, writing every queued traffic-log row before the process exits.
 
 uvicorn runs it as a factory (`gateway.app:create_app`), so nothing is built at import time and
 each worker process reads its settings (`TUNEGATE_*`, `tunegate.yaml`) when it starts.
@@ -14,27 +15,30 @@ import gc
 import logging
 import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select, text
 
 from core.db import ReviewItem, make_engine, session_factory
 from core.settings import Settings, get_settings
-from gateway.deps import MetricsAccess, Services, Svc
+from core.vocab import ReviewStatus
+from gateway.deps import KeyRing, MetricsAccess, MetricsDep, RateLimiter, Services, Sessions, get_upstream
 from gateway.errors import install_error_handlers
 from gateway.guarding import GuardService
-from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
 from gateway.openai.router import router as openai_router
+from gateway.openai.service import CompletionService
+from gateway.recorder import Recorder, TrafficLog, purge_expired
 from gateway.review.router import router as review_router
 from gateway.review.service import ReviewService
 from gateway.routing import AdapterManager, Router
-from gateway.traffic import TrafficLog, purge_expired
 from gateway.upstream import Upstream
 
 log = logging.getLogger("tunegate.gateway")
+Vllm = Annotated[Upstream, Depends(get_upstream)]
 RETENTION_EVERY_S = 3600
 HOUSEKEEPING_EVERY_S = 15
 
@@ -42,21 +46,31 @@ HOUSEKEEPING_EVERY_S = 15
 def build_services(settings: Settings, transport=None) -> Services:
     if not settings.vllm.url:
         raise RuntimeError("`vllm.url` is not set: start the gateway with `tunegate serve`, which sets it")
+    gw = settings.gateway
     sessions = session_factory(make_engine(settings.database_url))
     metrics = Metrics()
-    upstream = Upstream(settings.vllm.url, settings.gateway, transport=transport)
+    upstream = Upstream(settings.vllm.url, gw, transport=transport)
+    router = Router(settings, sessions)
+    traffic = TrafficLog(sessions, gw, metrics)
+    review = ReviewService(sessions, settings.review)
+    completions = CompletionService(
+        limiter=RateLimiter(gw.requests_per_minute, gw.tokens_per_minute),
+        router=router,
+        adapters=AdapterManager(upstream, gw.max_loaded_adapters, metrics),
+        upstream=upstream,
+        guard=GuardService(settings),
+        recorder=Recorder(traffic, review, metrics, gw),
+    )
     return Services(
         settings=settings,
         sessions=sessions,
         upstream=upstream,
-        router=Router(settings, sessions),
-        adapters=AdapterManager(upstream, settings.gateway.max_loaded_adapters, metrics),
-        limiter=RateLimiter(),
-        traffic=TrafficLog(sessions, settings.gateway, metrics),
+        router=router,
+        traffic=traffic,
         metrics=metrics,
-        guard=GuardService(settings),
-        review=ReviewService(sessions, settings.review),
-        key_cache={},
+        review=review,
+        keys=KeyRing(sessions, gw.key_cache_s),
+        completions=completions,
     )
 
 
@@ -64,7 +78,7 @@ def _review_queue_depth(services: Services):
     def depth() -> float:
         try:
             with services.sessions() as session:
-                return float(session.scalar(select(func.count()).where(ReviewItem.status == "pending")) or 0)
+                return float(session.scalar(select(func.count()).where(ReviewItem.status == ReviewStatus.PENDING)) or 0)
         except Exception:  # a scrape must not fail because the database blinked
             return float("nan")
 
@@ -125,21 +139,21 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"], summary="vLLM and the database are reachable (no key)")
-    async def readyz(services: Svc) -> JSONResponse:
+    async def readyz(vllm: Vllm, sessions: Sessions) -> JSONResponse:
         def db_ok() -> bool:
             try:
-                with services.sessions() as session:
+                with sessions() as session:
                     session.execute(text("SELECT 1"))
                 return True
             except Exception:
                 return False
 
-        checks = {"vllm": await services.upstream.ready(), "database": await asyncio.to_thread(db_ok)}
+        checks = {"vllm": await vllm.ready(), "database": await asyncio.to_thread(db_ok)}
         return JSONResponse({"ready": all(checks.values()), **checks}, status_code=200 if all(checks.values()) else 503)
 
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics (no key when `metrics_public`)")
-    async def metrics(services: Svc, _: MetricsAccess) -> Response:
-        services.metrics.circuit_open.set(1 if services.upstream.breaker.is_open else 0)
-        return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(_: MetricsAccess, vllm: Vllm, metrics: MetricsDep) -> Response:
+        metrics.circuit_open.set(1 if vllm.breaker.is_open else 0)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

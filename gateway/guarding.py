@@ -1,12 +1,16 @@
-"""Guardrails on the request path: score an answer, apply the route's policy, hold what is doubtful.
+"""Guardrails on the request path: the guard is asked twice per request, for a plan and for a verdict.
 
-For each answer the gateway gathers what the detectors need (the question, the context the client
-sent in `context`/`documents` or else passages retrieved from the route's knowledge base, the
-answer's token logprobs, extra samples when self-consistency is on), runs the calibrated guard in
-a worker thread, and maps the risk through the route's policy (`routes.<alias>.policy`, else
-`guardrails.policy`) to allow / annotate / hold / block. Held answers, and a sample of allowed
-ones, go to the review queue in the same transaction as their traffic-log row, before the client
-hears back. Imports `guardrails`, `tunegate` and the review service.
+`GuardService.plan(route, sampling)` says, before vLLM is called, what the route's guardrails need:
+token logprobs (an active detector reads them), extra samples (self-consistency, sampling requests
+only), whether a stream must be buffered and judged before a byte is sent (the route's policy can
+hold or block), and whether this answer is also sampled for review (`review.sample_rate`). It reads
+cheap properties of the calibrated `guardrails.guard.Guard` (`needs_logprobs`, `needs_samples`).
+
+`GuardService.verdict(route, plan, check)` scores the answer: the context the client sent in
+`context`/`documents`, else passages retrieved from the route's knowledge base; the calibrated risk
+(in a worker thread); the route's policy (`routes.<alias>.policy`, else `guardrails.policy`) ->
+allow / annotate / hold / block; and whether the answer goes to review (`held` or `sampled`).
+Imports `guardrails` and `core`.
 """
 
 from __future__ import annotations
@@ -19,20 +23,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.settings import PolicySettings, Settings
+from core.vocab import Decision, ReviewReason
 from guardrails.guard import Guard, calibration_path_for
 from guardrails.policy import decide
 from guardrails.retrieval import KnowledgeBase
 from guardrails.types import CheckInput, DetectorResult
 
+CONTEXT_FIELDS = ("context", "documents")  # tunegate's request fields; never forwarded to vLLM
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the guardrails need of one request, decided before vLLM is asked (all off: no guardrails)."""
+
+    logprobs: bool = False  # ask vLLM for the answer's token logprobs
+    samples: int = 0  # extra samples to ask vLLM for in the same call (self-consistency)
+    buffer: bool = False  # the route can hold or block: judge a stream before sending any of it
+    sample_for_review: bool = False  # an allowed or annotated answer also goes to review
+
 
 @dataclass
 class Assessment:
+    """The verdict on one answer: risk, the policy's decision, the evidence, and the review it needs."""
+
     risk: float
-    decision: str  # allow | annotate | hold | block
+    decision: Decision
     results: list[DetectorResult]
     context: str | None
     seconds: float
     unsupported_spans: list[tuple[int, int]] = field(default_factory=list)
+    review: ReviewReason | None = None  # held: the client waits for a reviewer; sampled: it does not
 
     def scores(self) -> dict[str, float | None]:
         return {r.name: r.score for r in self.results}
@@ -47,7 +67,7 @@ class Assessment:
         }
 
     def public(self) -> dict:
-        """What an `annotate` response carries for the client (`tunegate` field)."""
+        """What an annotated (or blocked) response carries for the client (`tunegate` field)."""
         return {
             "risk": round(self.risk, 4),
             "decision": self.decision,
@@ -58,7 +78,7 @@ class Assessment:
 
 def request_context(extra: dict) -> str | None:
     """The grounding context a client sent: `context` (text or list) or `documents` (texts or {text})."""
-    for name in ("context", "documents"):
+    for name in CONTEXT_FIELDS:
         value = extra.get(name)
         if not value:
             continue
@@ -71,11 +91,14 @@ def request_context(extra: dict) -> str | None:
 
 
 class GuardService:
+    """The calibrated guard (None when `guardrails.enabled` is false), the policies and knowledge bases."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.enabled = settings.guardrails.enabled
         path = calibration_path_for(settings.guardrails, settings.var_dir)
-        self.guard = Guard(settings.guardrails, path if Path(path).exists() else None) if self.enabled else None
+        self.guard = (
+            Guard(settings.guardrails, path if Path(path).exists() else None) if settings.guardrails.enabled else None
+        )
         self._knowledge: dict[str, KnowledgeBase] = {}
         self._random = random.Random()
 
@@ -85,16 +108,25 @@ class GuardService:
             self.settings.guardrails.policy
         )
 
-    def may_withhold(self, route: str) -> bool:
-        """Whether this route's answers can be held or blocked: then streams must be buffered."""
+    def plan(self, route: str, sampling: bool) -> Plan:
+        """What this request must ask of vLLM and how to answer it; `sampling`: temperature > 0
+        (greedy samples would all agree, so none are asked for then)."""
+        if self.guard is None:
+            return Plan()
         policy = self.policy(route)
-        return self.enabled and (policy.hold_at <= 1 or policy.block_at <= 1)
+        samples = self.settings.guardrails.consistency_samples
+        return Plan(
+            logprobs=self.guard.needs_logprobs,
+            samples=samples if self.guard.needs_samples and sampling else 0,
+            buffer=policy.hold_at <= 1 or policy.block_at <= 1,
+            sample_for_review=self._random.random() < self.settings.review.sample_rate,
+        )
 
-    def wants_logprobs(self) -> bool:
-        return self.enabled and "uncertainty" in self.settings.guardrails.detectors
-
-    def sample_for_review(self) -> bool:
-        return self._random.random() < self.settings.review.sample_rate
+    async def verdict(self, route: str, plan: Plan, check: CheckInput) -> Assessment | None:
+        """Score the answer and apply the route's policy (None when the guardrails are off)."""
+        if self.guard is None:
+            return None
+        return await asyncio.to_thread(self._check, route, plan, check)
 
     def _retrieve(self, route: str, question: str) -> str | None:
         route_settings = self.settings.routes.get(route)
@@ -105,21 +137,24 @@ class GuardService:
             kb = self._knowledge[route] = KnowledgeBase.from_jsonl(route_settings.knowledge_base)
         return kb.context_for(question)
 
-    def _check(self, route: str, check: CheckInput) -> Assessment:
+    def _check(self, route: str, plan: Plan, check: CheckInput) -> Assessment:
         started = time.perf_counter()
         if check.context is None:
             check = dataclasses.replace(check, context=self._retrieve(route, check.question))
-        verdict = self.guard.check(check)
+        report = self.guard.check(check)
+        decision = decide(report.risk, self.policy(route))
+        if decision == Decision.HOLD:
+            review = ReviewReason.HELD
+        elif decision != Decision.BLOCK and plan.sample_for_review:
+            review = ReviewReason.SAMPLED
+        else:
+            review = None
         return Assessment(
-            risk=verdict.risk,
-            decision=decide(verdict.risk, self.policy(route)),
-            results=list(verdict.results.values()),
+            risk=report.risk,
+            decision=decision,
+            results=list(report.results.values()),
             context=check.context,
             seconds=time.perf_counter() - started,
-            unsupported_spans=verdict.unsupported_spans(),
+            unsupported_spans=report.unsupported_spans(),
+            review=review,
         )
-
-    async def assess(self, route: str, check: CheckInput) -> Assessment | None:
-        if not self.enabled:
-            return None
-        return await asyncio.to_thread(self._check, route, check)

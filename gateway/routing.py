@@ -23,7 +23,8 @@ from sqlalchemy.orm import sessionmaker
 
 from core.db import Adapter
 from core.settings import RouteTarget, Settings
-from gateway.errors import GatewayError, ModelNotFound, UpstreamUnavailable
+from core.vllm import VllmError, load_adapter_async, unload_adapter_async
+from gateway.errors import GatewayError, ModelNotFound, UpstreamError, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 
@@ -115,7 +116,8 @@ class Router:
 
 
 class AdapterManager:
-    """Which adapters are loaded in vLLM, loading on demand and unloading least recently used."""
+    """Which adapters are loaded in vLLM, loading on demand and unloading least recently used. Calls go
+    through `core.vllm`'s adapter client over the upstream connection (its breaker and retries)."""
 
     def __init__(self, upstream: Upstream, capacity: int, metrics: Metrics) -> None:
         self.upstream, self.capacity, self.metrics = upstream, capacity, metrics
@@ -133,22 +135,33 @@ class AdapterManager:
                 return
             while len(self.loaded) >= self.capacity:
                 old, _ = self.loaded.popitem(last=False)
-                await self._call("/v1/unload_lora_adapter", {"lora_name": old}, old, "unload")
-            await self._call(
-                "/v1/load_lora_adapter",
-                {"lora_name": target.served_name, "lora_path": str(target.path.resolve())},
-                target.served_name,
-                "load",
-            )
+                await self._unload(old)
+            await self._load(target.served_name, target.path.resolve())
             self.loaded[target.served_name] = target.path
 
     def forget(self, target: Target) -> None:
         """vLLM no longer has this adapter (another replica unloaded it, or vLLM restarted)."""
         self.loaded.pop(target.served_name, None)
 
-    async def _call(self, path: str, body: dict, name: str, action: str) -> None:
-        resp = await self.upstream.client.post(path, json=body)
-        ok = resp.status_code == 200 or (action == "load" and "already been loaded" in resp.text)
-        self.metrics.adapter_operations.labels(adapter=name, operation=action, result="ok" if ok else "error").inc()
-        if not ok and action == "load":
-            raise UpstreamUnavailable(f"vLLM could not load adapter `{name}`: {resp.text[:300]}")
+    def _count(self, name: str, operation: str, ok: bool) -> None:
+        self.metrics.adapter_operations.labels(adapter=name, operation=operation, result="ok" if ok else "error").inc()
+
+    async def _load(self, name: str, path: Path) -> None:
+        try:
+            await load_adapter_async(self.upstream.post, name, path)
+        except (VllmError, UpstreamError) as err:  # vLLM answered, and not with the adapter loaded
+            self._count(name, "load", ok=False)
+            raise UpstreamUnavailable(f"vLLM could not load adapter `{name}`: {err}") from err
+        except GatewayError:  # vLLM unreachable, too slow, or the breaker is open
+            self._count(name, "load", ok=False)
+            raise
+        self._count(name, "load", ok=True)
+
+    async def _unload(self, name: str) -> None:
+        """Best effort: an adapter vLLM cannot unload (or already dropped) is counted, not raised."""
+        try:
+            await unload_adapter_async(self.upstream.post, name)
+        except (VllmError, GatewayError):
+            self._count(name, "unload", ok=False)
+            return
+        self._count(name, "unload", ok=True)

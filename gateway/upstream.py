@@ -1,4 +1,5 @@
-"""The gateway's connection to vLLM: timeouts, retries on refused connections only, a circuit breaker.
+"""The gateway's connection to vLLM: timeouts, retries on refused connections only, a circuit breaker;
+and the server-sent-event wire format, both ways (`stream_events` reads vLLM's, `sse` frames ours).
 
 A request is retried only when the connection itself failed (nothing reached vLLM, nothing was
 streamed back), so no generation is ever run twice. After `breaker_failures` consecutive failures
@@ -19,6 +20,13 @@ from core.settings import GatewaySettings
 from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
+DONE = "[DONE]"  # the last event of an OpenAI stream
+
+
+def sse(data: dict | str) -> bytes:
+    """One server-sent event for the client: `data: <JSON>` (or `data: [DONE]`) and a blank line. Every
+    event the gateway streams (chunks passed through or replayed, risk, refusal, error, DONE) is framed here."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n".encode()
 
 
 class CircuitBreaker:
@@ -122,28 +130,29 @@ class Upstream:
             return resp
         raise AssertionError("unreachable")
 
+    async def post(self, path: str, body: dict) -> httpx.Response:
+        """POST through the breaker and the connect retries; vLLM's answer as it is, unless a 5xx (raised)."""
+        return await self._send("POST", path, body, stream=False)
+
     async def post_json(self, path: str, body: dict) -> dict:
-        resp = await self._send("POST", path, body, stream=False)
+        resp = await self.post(path, body)
         if resp.status_code >= 400:
             raise _upstream_error(resp, resp.content)
         return resp.json()
 
-    async def get_json(self, path: str) -> dict:
-        resp = await self._send("GET", path, None, stream=False)
-        if resp.status_code >= 400:
-            raise _upstream_error(resp, resp.content)
-        return resp.json()
-
-    async def stream_lines(self, path: str, body: dict) -> AsyncIterator[str]:
-        """Server-sent-event lines from vLLM. Closing the iterator closes the connection, which makes
-        vLLM abort the generation (a client that disconnects cancels its upstream request)."""
+    async def stream_events(self, path: str, body: dict) -> AsyncIterator[dict | str]:
+        """vLLM's server-sent events, parsed: each chunk as a dict, then `DONE` if vLLM ended the stream.
+        Closing the iterator closes the connection, which makes vLLM abort the generation (a client
+        that disconnects cancels its upstream request)."""
         resp = await self._send("POST", path, body, stream=True)
         try:
             if resp.status_code >= 400:
                 raise _upstream_error(resp, await resp.aread())
             try:
                 async for line in resp.aiter_lines():
-                    yield line
+                    if line.startswith("data:"):
+                        data = line[5:].strip()
+                        yield DONE if data == DONE else json.loads(data)
             except httpx.TimeoutException as err:
                 raise UpstreamTimeout("vLLM stopped sending in the middle of a stream") from err
             except httpx.TransportError as err:

@@ -18,11 +18,11 @@ from sqlalchemy import func, select
 
 from core.db import Request, ReviewItem, make_engine, session_factory, upgrade, utcnow
 from core.settings import GatewaySettings, RouteTarget, load_settings
+from gateway.deps import RateLimiter
 from gateway.errors import RateLimited
-from gateway.limits import RateLimiter
 from gateway.metrics import Metrics
+from gateway.recorder import TrafficLog, purge_expired
 from gateway.routing import pick_target, sticky_fraction
-from gateway.traffic import TrafficLog, purge_expired
 
 from .conftest import REPO
 
@@ -101,33 +101,24 @@ def test_traffic_log_batches_and_loses_nothing_on_close(sessions):
     assert count(sessions) == 120
 
 
-def test_traffic_log_keeps_rows_while_the_database_is_down(sessions, monkeypatch):
+def test_traffic_log_keeps_rows_while_the_database_is_down(sessions):
+    failures = []
+
+    def flaky_sessions():  # fault injection: the first two writes find the database down
+        if len(failures) < 2:
+            failures.append(1)
+            raise RuntimeError("database unavailable")
+        return sessions()
+
     async def run():
-        log = TrafficLog(sessions, GatewaySettings(log_flush_interval_s=0.01), Metrics())
-        real_write, failures = log._write, []
-
-        def flaky(batch):  # fault injection: the first two writes fail
-            if len(failures) < 2:
-                failures.append(1)
-                raise RuntimeError("database unavailable")
-            real_write(batch)
-
-        monkeypatch.setattr(log, "_write", flaky)
-        monkeypatch.setattr("gateway.traffic.asyncio.sleep", _fast_sleep)
+        log = TrafficLog(flaky_sessions, GatewaySettings(log_flush_interval_s=0.01), Metrics(), backoff_s=(0.0, 0.0))
         log.start()
         for i in range(10):
             log.record(row(i))
         await log.close()
 
     asyncio.run(run())
-    assert count(sessions) == 10
-
-
-_real_sleep = asyncio.sleep
-
-
-async def _fast_sleep(_seconds):
-    await _real_sleep(0)
+    assert len(failures) == 2 and count(sessions) == 10
 
 
 def test_traffic_log_masks_pii_and_can_store_no_text(sessions):
@@ -141,7 +132,7 @@ def test_traffic_log_masks_pii_and_can_store_no_text(sessions):
     asyncio.run(run(GatewaySettings(store_text=False), 2))
     with sessions() as session:
         masked, bare = session.get(Request, f"{1:032x}"), session.get(Request, f"{2:032x}")
-        assert masked.prompt_text == "user: mail me at [EMAIL]" and masked.request_json is None
+        assert masked.prompt_text == "user: mail me at [EMAIL]" and masked.request_json == {"x": "[EMAIL]"}
         assert bare.prompt_text is None and bare.answer_text is None and bare.status_code == 200
 
 

@@ -1,40 +1,46 @@
-"""Routes of the OpenAI API; thin on purpose: authenticate (role `app`), validate, hand to the service."""
+"""Routes of the OpenAI API; thin on purpose: authenticate (role `app`), validate, hand to the service.
+
+Each route is handed only what it uses: the caller, and the `CompletionService` (`Completions`) or
+the `Router` (`Models`), by the providers in `gateway.deps`.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Depends, Header, Request, Response
 
-from gateway.deps import AppCaller, Svc
+from gateway.deps import AppCaller, get_completions, get_router
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.openai.service import CompletionService
+from gateway.routing import Router
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 UserHeader = Annotated[str | None, Header(alias="X-TuneGate-User")]
+Completions = Annotated[CompletionService, Depends(get_completions)]
+Models = Annotated[Router, Depends(get_router)]
 STARTED = int(time.time())
 
 
 @router.post("/chat/completions", summary="Chat completion (roles: app, admin)")
 async def chat_completions(
-    body: ChatCompletionRequest, caller: AppCaller, services: Svc, request: Request, user: UserHeader = None
-):
-    return await CompletionService(services).complete("chat", body, caller, request, user)
+    body: ChatCompletionRequest, caller: AppCaller, completions: Completions, request: Request, user: UserHeader = None
+) -> Response:
+    return await completions.complete("chat", body, caller, request, user)
 
 
 @router.post("/completions", summary="Text completion (roles: app, admin)")
 async def completions(
-    body: CompletionRequest, caller: AppCaller, services: Svc, request: Request, user: UserHeader = None
-):
-    return await CompletionService(services).complete("completions", body, caller, request, user)
+    body: CompletionRequest, caller: AppCaller, completions: Completions, request: Request, user: UserHeader = None
+) -> Response:
+    return await completions.complete("completions", body, caller, request, user)
 
 
 @router.get("/models", summary="Models a client may name (roles: app, admin)")
-async def models(caller: AppCaller, services: Svc) -> ModelList:
+async def models(_: AppCaller, routes: Models) -> ModelList:
     return ModelList(
         data=[
-            ModelCard(id=name, created=STARTED, description=description)
-            for name, description in services.router.model_names()
+            ModelCard(id=name, created=STARTED, description=description) for name, description in routes.model_names()
         ]
     )

@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from core.io import last_user_text
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -61,6 +63,10 @@ class ChatCompletionRequest(_GenerationParams):
             parts.append(f"{m.role}: {content}")
         return "\n".join(parts)
 
+    def question(self) -> str:
+        """What the guardrails check the answer against: the last user message, else the whole prompt."""
+        return last_user_text(self.messages, self.prompt_text())
+
 
 class CompletionRequest(_GenerationParams):
     prompt: str | list[str] = Field(min_length=1)
@@ -69,6 +75,9 @@ class CompletionRequest(_GenerationParams):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else "\n".join(self.prompt)
+
+    def question(self) -> str:
+        return self.prompt_text()
 
 
 class ModelCard(BaseModel):

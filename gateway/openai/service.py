@@ -1,15 +1,18 @@
-"""Serving one OpenAI request: limits, routing, the adapter, vLLM, guardrails, review, the log.
+"""Serving one OpenAI request, one way through: limits, route, plan, vLLM, verdict, answer, record.
 
-`complete()` is the whole path of a request after authentication, in order:
+`CompletionService.complete()` is the whole path of a request after authentication, in order:
   1. the key's rate limits;
   2. the route: alias -> adapter version (sticky canary split), loaded into vLLM if needed;
-  3. vLLM, with the served adapter name in `model` (the client only ever sees its alias), asked
-     for logprobs (and extra samples) when the guardrails need them;
-  4. the guardrails: a calibrated risk, and the route's policy -> allow / annotate / hold / block;
-  5. the answer back to the client: JSON, server-sent events passed through as they come (routes
-     that can only allow or annotate), or buffered first (routes that can hold or block); a held
-     answer is a 202 with a review id, stored with its review item before the client hears back;
-  6. a traffic-log row and the metrics, recorded without waiting for the database.
+  3. the guard's plan (`GuardService.plan`): logprobs? extra samples? buffer the stream? sample the
+     answer for review?
+  4. vLLM, with the served adapter name in `model` (the client only ever sees its alias), asked for
+     what the plan needs;
+  5. the guard's verdict (`GuardService.verdict`): a calibrated risk and the route's policy -> allow /
+     annotate / hold / block, and whether the answer goes to review (held or sampled); such an answer
+     is stored with its review item before the client hears back, a held one answered with a 202;
+  6. the answer: JSON; server-sent events passed through as they come (the plan does not buffer), or
+     buffered, judged, then replayed; every event framed by `gateway.upstream.sse`;
+  7. the recorder: the request's row (traffic log, unless stored with its review item) and metrics.
 A client that disconnects cancels its upstream request (status 499 in the log).
 """
 
@@ -17,27 +20,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from core.db import utcnow
 from core.keys import Principal
-from gateway.deps import Services
+from core.vocab import Decision, ReviewReason
+from gateway.deps import RateLimiter
 from gateway.errors import GatewayError, UpstreamError, error_body
-from gateway.guarding import Assessment, request_context
+from gateway.guarding import CONTEXT_FIELDS, GuardService, Plan, request_context
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
-from gateway.routing import Target
+from gateway.recorder import Exchange, Recorder
+from gateway.routing import AdapterManager, Router
+from gateway.upstream import DONE, Upstream, sse
 from guardrails.types import CheckInput
 
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection first"
-EXTENSION_FIELDS = ("context", "documents")  # tunegate's request fields; never forwarded to vLLM
 REFUSAL = "This answer was withheld by the guardrails."
+PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
+T = TypeVar("T")
 
 
 class ClientDisconnected(Exception):
@@ -45,36 +50,47 @@ class ClientDisconnected(Exception):
 
 
 @dataclass
-class Exchange:
-    """What is known about one request as it goes; becomes the traffic-log row."""
+class Collected:
+    """An answer as the guardrails see it: the first choice's text and token logprobs, extra samples."""
 
     endpoint: str
-    body: ChatCompletionRequest | CompletionRequest
-    caller: Principal
-    end_user: str
-    target: Target | None = None
-    started: float = field(default_factory=time.perf_counter)
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created_at: object = field(default_factory=utcnow)
-    upstream_s: float = 0.0
-    status: int = 200
-    answer: str | None = None
-    response: dict | None = None
-    usage: dict | None = None
-    error: str | None = None
-    context: str | None = None
-    assessment: Assessment | None = None
-    review_id: str | None = None  # set when the row went to the database with a review item
-
-
-@dataclass
-class Collected:
-    """An answer as the guardrails see it: text, token logprobs, extra samples."""
-
+    n: int  # choices the client asked for; those beyond are the plan's extra samples
     text: str = ""
     token_logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[dict[str, float]] = field(default_factory=list)
-    samples: list[str] = field(default_factory=list)
+    extra: dict[int, str] = field(default_factory=dict)
+
+    def take(self, choice: dict) -> bool:
+        """Note one choice (whole, or a stream's delta); True when it is the client's, False for a sample."""
+        if self.endpoint == "chat":
+            text = (choice.get("message") or choice.get("delta") or {}).get("content") or ""
+        else:
+            text = choice.get("text") or ""
+        index = choice.get("index", 0)
+        if index >= self.n:
+            self.extra[index] = self.extra.get(index, "") + text
+            return False
+        if index == 0:
+            self.text += text
+            logprobs = choice.get("logprobs") or {}
+            if self.endpoint == "chat":
+                for token in logprobs.get("content") or []:
+                    self.token_logprobs.append(token["logprob"])
+                    self.top_logprobs.append({t["token"]: t["logprob"] for t in token.get("top_logprobs") or []})
+            else:
+                self.token_logprobs.extend(lp for lp in logprobs.get("token_logprobs") or [] if lp is not None)
+                self.top_logprobs.extend(t or {} for t in logprobs.get("top_logprobs") or [])
+        return True
+
+    def check(self, question: str, context: str | None) -> CheckInput:
+        return CheckInput(
+            question=question,
+            answer=self.text,
+            context=context,
+            token_logprobs=self.token_logprobs or None,
+            top_logprobs=self.top_logprobs or None,
+            samples=[self.extra[i] for i in sorted(self.extra)],
+        )
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -82,7 +98,7 @@ async def _wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, work):
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """Run `work`; if the client goes away first, cancel it (closing the connection to vLLM aborts
     the generation there) and raise `ClientDisconnected`."""
     work = asyncio.ensure_future(work)
@@ -102,121 +118,20 @@ async def _unless_disconnected(request: Request, work):
     raise ClientDisconnected
 
 
-def _choice_text(endpoint: str, choice: dict) -> str:
-    if endpoint == "chat":
-        return (choice.get("message") or choice.get("delta") or {}).get("content") or ""
-    return choice.get("text") or ""
-
-
-def _add_logprobs(endpoint: str, choice: dict, into: Collected) -> None:
-    logprobs = choice.get("logprobs") or {}
-    if endpoint == "chat":
-        for token in logprobs.get("content") or []:
-            into.token_logprobs.append(token["logprob"])
-            into.top_logprobs.append({t["token"]: t["logprob"] for t in token.get("top_logprobs") or []})
-    else:
-        into.token_logprobs.extend(lp for lp in logprobs.get("token_logprobs") or [] if lp is not None)
-        into.top_logprobs.extend(t or {} for t in logprobs.get("top_logprobs") or [])
-
-
-def _question(body: ChatCompletionRequest | CompletionRequest) -> str:
-    if isinstance(body, ChatCompletionRequest):
-        users = [m.content for m in body.messages if m.role == "user" and isinstance(m.content, str)]
-        return users[-1] if users else body.prompt_text()
-    return body.prompt_text()
-
-
 class CompletionService:
-    def __init__(self, services: Services) -> None:
-        self.s = services
+    """The request path of `/v1/chat/completions` and `/v1/completions`; holds only what it uses."""
 
-    def _payload(self, ex: Exchange) -> tuple[dict, int]:
-        """The body for vLLM, and how many extra samples it asks for (self-consistency)."""
-        body, guard = ex.body, self.s.guard
-        payload = body.model_dump(exclude_unset=True)
-        for name in EXTENSION_FIELDS:
-            payload.pop(name, None)
-        payload["model"] = ex.target.served_name
-        if guard.wants_logprobs() and not body.logprobs:
-            payload["logprobs"] = True if ex.endpoint == "chat" else 1
-        extra = 0
-        gs = self.s.settings.guardrails
-        if guard.enabled and "consistency" in gs.detectors and gs.consistency_samples and (body.temperature or 0) > 0:
-            extra = gs.consistency_samples  # greedy samples would all agree: only when sampling
-            payload["n"] = body.n + extra
-        return payload, extra
-
-    def _trim(self, ex: Exchange, response: dict, extra: int) -> Collected:
-        """Take what the guardrails need out of vLLM's response, leaving what the client asked for."""
-        choices = response.get("choices") or []
-        collected = Collected()
-        if choices:
-            collected.text = _choice_text(ex.endpoint, choices[0])
-            _add_logprobs(ex.endpoint, choices[0], collected)
-        collected.samples = [_choice_text(ex.endpoint, c) for c in choices[ex.body.n :]]
-        if extra:
-            response["choices"] = choices[: ex.body.n]
-        if not ex.body.logprobs:
-            for choice in response.get("choices") or []:
-                choice["logprobs"] = None
-        return collected
-
-    async def _assess(self, ex: Exchange, collected: Collected) -> None:
-        check = CheckInput(
-            question=_question(ex.body),
-            answer=collected.text,
-            context=ex.context,
-            token_logprobs=collected.token_logprobs or None,
-            top_logprobs=collected.top_logprobs or None,
-            samples=collected.samples,
-        )
-        ex.assessment = await self.s.guard.assess(ex.target.route, check)
-        if ex.assessment is not None:
-            ex.context = ex.assessment.context
-
-    async def _withhold(self, ex: Exchange) -> JSONResponse | None:
-        """Apply a `hold` decision: store the row with its review item, answer 202. Sample allowed
-        answers for review too (the client still gets its answer)."""
-        a = ex.assessment
-        if a is None:
-            return None
-        if a.decision == "hold":
-            ex.status = 202
-            ex.review_id = await asyncio.to_thread(
-                self.s.review.hold, self._row(ex), reason="held", context=ex.context, scores=a.stored()
-            )
-            return JSONResponse(
-                {
-                    "id": ex.review_id,
-                    "object": "review",
-                    "status": "held",
-                    "risk": round(a.risk, 4),
-                    "message": "The answer is waiting for a human reviewer; poll the URL for the outcome.",
-                    "poll": f"/v1/reviews/{ex.review_id}",
-                },
-                status_code=202,
-                headers={"X-Request-Id": ex.id, "Location": f"/v1/reviews/{ex.review_id}"},
-            )
-        if a.decision in ("allow", "annotate") and self.s.guard.sample_for_review():
-            ex.review_id = await asyncio.to_thread(
-                self.s.review.hold, self._row(ex), reason="sampled", context=ex.context, scores=a.stored()
-            )
-        return None
-
-    def _decorate(self, ex: Exchange, response: dict) -> None:
-        """`annotate`: attach the risk; `block`: replace the answer, OpenAI's way (content_filter)."""
-        a = ex.assessment
-        if a is None:
-            return
-        if a.decision in ("annotate", "block"):
-            response["tunegate"] = a.public()
-        if a.decision == "block":
-            for choice in response.get("choices") or []:
-                if ex.endpoint == "chat":
-                    choice["message"] = {"role": "assistant", "content": REFUSAL}
-                else:
-                    choice["text"] = REFUSAL
-                choice["finish_reason"] = "content_filter"
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        router: Router,
+        adapters: AdapterManager,
+        upstream: Upstream,
+        guard: GuardService,
+        recorder: Recorder,
+    ) -> None:
+        self.limiter, self.router, self.adapters = limiter, router, adapters
+        self.upstream, self.guard, self.recorder = upstream, guard, recorder
 
     async def complete(
         self,
@@ -225,59 +140,33 @@ class CompletionService:
         caller: Principal,
         request: Request,
         user_header: str | None,
-    ):
-        gw = self.s.settings.gateway
+    ) -> Response:
         ex = Exchange(endpoint, body, caller, body.user or user_header or f"key:{caller.key_id}")
         ex.context = request_context(body.model_extra or {})
-        self.s.metrics.in_flight.inc()
+        self.recorder.begin()
         streaming = False
         try:
-            self.s.limiter.admit(
-                caller.key_id,
-                caller.requests_per_minute or gw.requests_per_minute,
-                caller.tokens_per_minute or gw.tokens_per_minute,
+            self.limiter.admit(caller.key_id, *self.limiter.limits(caller))
+            ex.target = await self.router.resolve(body.model, ex.end_user)
+            await self.adapters.ensure(ex.target)
+            plan = self.guard.plan(ex.target.route, sampling=(body.temperature or 0) > 0)
+            payload = self._payload(ex, plan)
+            if not body.stream:
+                return await self._whole(ex, plan, payload, request)
+            # Always ask vLLM for usage so the log and token limits have it; the client sees the
+            # usage chunk only if it asked for it.
+            payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+            events = self.upstream.stream_events(PATHS[endpoint], payload)
+            first = await self._from_upstream(ex, request, anext(events, None))  # errors before a byte: real statuses
+            if plan.buffer:
+                return await self._buffered(ex, plan, first, events, request)
+            streaming = True
+            gone = asyncio.ensure_future(_wait_for_disconnect(request))
+            return StreamingResponse(
+                self._relay(ex, plan, first, events, gone),
+                media_type="text/event-stream",
+                headers={"X-Request-Id": ex.id, "Cache-Control": "no-cache"},
             )
-            ex.target = await self.s.router.resolve(body.model, ex.end_user)
-            await self.s.adapters.ensure(ex.target)
-            payload, extra = self._payload(ex)
-            path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
-            if body.stream:
-                # Always ask vLLM for usage so the log and token limits have it; the client sees
-                # the usage chunk only if it asked for it.
-                payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-                lines = self.s.upstream.stream_lines(path, payload)
-                t0 = time.perf_counter()
-                first = await _unless_disconnected(request, anext(lines))  # errors before a byte: real statuses
-                ex.upstream_s += time.perf_counter() - t0
-                if self.s.guard.may_withhold(ex.target.route):
-                    return await self._buffered_stream(ex, first, lines, request)
-                streaming = True
-                return StreamingResponse(
-                    self._relay(ex, first, lines, asyncio.ensure_future(_wait_for_disconnect(request))),
-                    media_type="text/event-stream",
-                    headers={"X-Request-Id": ex.id, "Cache-Control": "no-cache"},
-                )
-            t0 = time.perf_counter()
-            try:
-                response = await _unless_disconnected(request, self.s.upstream.post_json(path, payload))
-            except UpstreamError as err:
-                if err.status_code != 404 or ex.target.path is None:
-                    raise
-                # The adapter is gone from vLLM (another gateway replica unloaded it, or vLLM
-                # restarted): load it again and retry once.
-                self.s.adapters.forget(ex.target)
-                await self.s.adapters.ensure(ex.target)
-                response = await _unless_disconnected(request, self.s.upstream.post_json(path, payload))
-            ex.upstream_s = time.perf_counter() - t0
-            response["model"] = body.model
-            collected = self._trim(ex, response, extra)
-            ex.response, ex.usage, ex.answer = response, response.get("usage"), collected.text
-            await self._assess(ex, collected)
-            held = await self._withhold(ex)
-            if held is not None:
-                return held
-            self._decorate(ex, response)
-            return JSONResponse(response, headers={"X-Request-Id": ex.id})
         except GatewayError as err:
             ex.status, ex.error = err.status_code, err.message
             raise
@@ -291,171 +180,206 @@ class CompletionService:
             if not streaming:
                 self._finish(ex)
 
-    def _chunk_event(self, ex: Exchange, chunk: dict, collected: Collected, wants_usage: bool) -> bytes | None:
-        """One upstream chunk for the client (None: nothing to send), noting answer, logprobs, usage."""
+    # --- asking vLLM ------------------------------------------------------------------------------
+
+    def _payload(self, ex: Exchange, plan: Plan) -> dict:
+        """The body for vLLM: the client's, for the served adapter, plus what the plan needs."""
+        body = ex.body
+        payload = body.model_dump(exclude_unset=True)
+        for name in CONTEXT_FIELDS:
+            payload.pop(name, None)
+        payload["model"] = ex.target.served_name
+        if plan.logprobs and not body.logprobs:
+            payload["logprobs"] = True if ex.endpoint == "chat" else 1
+        if plan.samples:
+            payload["n"] = body.n + plan.samples
+        return payload
+
+    async def _from_upstream(self, ex: Exchange, request: Request, work: Awaitable[T]) -> T:
+        """`work` against vLLM, timed into the exchange, cancelled if the client leaves."""
+        t0 = time.perf_counter()
+        try:
+            return await _unless_disconnected(request, work)
+        finally:
+            ex.upstream_s += time.perf_counter() - t0
+
+    async def _whole(self, ex: Exchange, plan: Plan, payload: dict, request: Request) -> Response:
+        """A JSON answer: the client's choices, judged; refused in place when blocked."""
+        path = PATHS[ex.endpoint]
+        try:
+            response = await self._from_upstream(ex, request, self.upstream.post_json(path, payload))
+        except UpstreamError as err:
+            if err.status_code != 404 or ex.target.path is None:
+                raise
+            # The adapter is gone from vLLM (another gateway replica unloaded it, or vLLM restarted):
+            # load it again and retry once.
+            self.adapters.forget(ex.target)
+            await self.adapters.ensure(ex.target)
+            response = await self._from_upstream(ex, request, self.upstream.post_json(path, payload))
+        response["model"] = ex.body.model
+        collected = Collected(ex.endpoint, ex.body.n)
+        response["choices"] = [c for c in response.get("choices") or [] if collected.take(c)]
+        if not ex.body.logprobs:
+            for choice in response["choices"]:
+                choice["logprobs"] = None
+        ex.response, ex.usage = response, response.get("usage")
+        held = await self._judge(ex, plan, collected)
+        if held is not None:
+            return held
+        a = ex.assessment
+        if a is not None and a.decision in (Decision.ANNOTATE, Decision.BLOCK):
+            response["tunegate"] = a.public()
+        if a is not None and a.decision == Decision.BLOCK:  # OpenAI's way: content_filter
+            for choice in response["choices"]:
+                if ex.endpoint == "chat":
+                    choice["message"] = {"role": "assistant", "content": REFUSAL}
+                else:
+                    choice["text"] = REFUSAL
+                choice["finish_reason"] = "content_filter"
+        return JSONResponse(response, headers={"X-Request-Id": ex.id})
+
+    # --- the guard's verdict ----------------------------------------------------------------------
+
+    async def _judge(self, ex: Exchange, plan: Plan, collected: Collected) -> JSONResponse | None:
+        """Ask the guard for its verdict; store an answer it sends to review with its review item;
+        return the 202 of a held answer (None: answer the client)."""
+        ex.answer = collected.text
+        check = collected.check(ex.body.question(), ex.context)
+        a = ex.assessment = await self.guard.verdict(ex.target.route, plan, check)
+        if a is None:
+            return None
+        ex.context = a.context
+        if a.review == ReviewReason.HELD:
+            ex.status = 202
+        if a.review is not None:
+            await self.recorder.hold(ex, a.review)
+        if a.review != ReviewReason.HELD:
+            return None
+        return JSONResponse(
+            {
+                "id": ex.review_id,
+                "object": "review",
+                "status": ReviewReason.HELD,
+                "risk": round(a.risk, 4),
+                "message": "The answer is waiting for a human reviewer; poll the URL for the outcome.",
+                "poll": f"/v1/reviews/{ex.review_id}",
+            },
+            status_code=202,
+            headers={"X-Request-Id": ex.id, "Location": f"/v1/reviews/{ex.review_id}"},
+        )
+
+    # --- streams ----------------------------------------------------------------------------------
+
+    def _client_event(self, ex: Exchange, chunk: dict, collected: Collected) -> bytes | None:
+        """One upstream chunk for the client (None: nothing to send), noting answer, samples, usage."""
         chunk["model"] = ex.body.model
         if chunk.get("usage"):
             ex.usage = chunk["usage"]
-        choices = chunk.get("choices") or []
-        for choice in choices:
-            if choice.get("index", 0) == 0:
-                collected.text += _choice_text(ex.endpoint, choice)
-                _add_logprobs(ex.endpoint, choice, collected)
-            if not ex.body.logprobs:
+        chunk["choices"] = [c for c in chunk.get("choices") or [] if collected.take(c)]
+        if not ex.body.logprobs:
+            for choice in chunk["choices"]:
                 choice.pop("logprobs", None)
-        if not choices and not wants_usage:
+        wants_usage = bool(ex.body.stream_options and ex.body.stream_options.include_usage)
+        if not chunk["choices"] and not (wants_usage and chunk.get("usage")):
             return None
-        return f"data: {json.dumps(chunk)}\n\n".encode()
+        return sse(chunk)
 
-    def _risk_event(self, ex: Exchange) -> bytes:
-        """The last event of an annotated stream: a chunk with no choices, carrying the risk."""
+    def _own_event(self, ex: Exchange, kind: str) -> bytes:
+        """A chunk the gateway writes itself: `blocked` (the refusal that replaces a blocked answer) or
+        `risk` (no choices; the last chunk of an annotated or blocked stream, carrying `tunegate`)."""
         chunk = {
-            "id": f"risk-{ex.id}",
+            "id": f"{kind}-{ex.id}",
             "object": "chat.completion.chunk" if ex.endpoint == "chat" else "text_completion",
             "created": int(time.time()),
             "model": ex.body.model,
             "choices": [],
-            "tunegate": ex.assessment.public(),
         }
-        return f"data: {json.dumps(chunk)}\n\n".encode()
+        if kind == "risk":
+            chunk["tunegate"] = ex.assessment.public()
+        elif ex.endpoint == "chat":
+            delta = {"role": "assistant", "content": REFUSAL}
+            chunk["choices"] = [{"index": 0, "delta": delta, "finish_reason": "content_filter"}]
+        else:
+            chunk["choices"] = [{"index": 0, "text": REFUSAL, "finish_reason": "content_filter"}]
+        return sse(chunk)
 
-    async def _buffered_stream(self, ex: Exchange, first: str, lines: AsyncIterator[str], request: Request):
+    async def _buffered(
+        self, ex: Exchange, plan: Plan, first: dict | str | None, events: AsyncIterator[dict | str], request: Request
+    ) -> Response:
         """Routes that can hold or block: read the whole stream, judge it, then replay it or hold it."""
-        wants_usage = bool(ex.body.stream_options and ex.body.stream_options.include_usage)
-        collected, events = Collected(), []
-        line: str | None = first
+        collected, out = Collected(ex.endpoint, ex.body.n), []
+        event = first
         try:
-            while line is not None:
-                if line.startswith("data:") and line[5:].strip() != "[DONE]":
-                    event = self._chunk_event(ex, json.loads(line[5:].strip()), collected, wants_usage)
-                    if event:
-                        events.append(event)
-                t0 = time.perf_counter()
-                line = await _unless_disconnected(request, anext(lines, None))
-                ex.upstream_s += time.perf_counter() - t0
+            while event is not None and event != DONE:
+                client_event = self._client_event(ex, event, collected)
+                if client_event:
+                    out.append(client_event)
+                event = await self._from_upstream(ex, request, anext(events, None))
         finally:
-            await lines.aclose()
-        ex.answer = collected.text
-        await self._assess(ex, collected)
-        held = await self._withhold(ex)
+            await events.aclose()
+        held = await self._judge(ex, plan, collected)
         if held is not None:
             return held
-        if ex.assessment is not None and ex.assessment.decision == "block":
-            blocked = {
-                "id": f"blocked-{ex.id}",
-                "object": "chat.completion.chunk",
-                "created": int(time.time()),
-                "model": ex.body.model,
-                "choices": [
-                    {"index": 0, "delta": {"role": "assistant", "content": REFUSAL}, "finish_reason": "content_filter"}
-                ],
-            }
-            events = [f"data: {json.dumps(blocked)}\n\n".encode()]
-        if ex.assessment is not None and ex.assessment.decision in ("annotate", "block"):
-            events.append(self._risk_event(ex))
-        events.append(b"data: [DONE]\n\n")
+        a = ex.assessment
+        if a is not None and a.decision == Decision.BLOCK:
+            out = [self._own_event(ex, "blocked")]
+        if a is not None and a.decision in (Decision.ANNOTATE, Decision.BLOCK):
+            out.append(self._own_event(ex, "risk"))
+        out.append(sse(DONE))
 
         async def replay() -> AsyncIterator[bytes]:
-            for event in events:
-                yield event
+            for chunk in out:
+                yield chunk
 
         return StreamingResponse(replay(), media_type="text/event-stream", headers={"X-Request-Id": ex.id})
 
     async def _relay(
-        self, ex: Exchange, first: str, lines: AsyncIterator[str], gone: asyncio.Future
+        self,
+        ex: Exchange,
+        plan: Plan,
+        first: dict | str | None,
+        events: AsyncIterator[dict | str],
+        gone: asyncio.Future,
     ) -> AsyncIterator[bytes]:
-        """Pass vLLM's events through as they come, with the alias as `model`; collect the answer,
-        then (guardrails on) end an annotated stream with its risk event. `gone` completes when the
-        client disconnects: then the upstream stream is closed, which aborts the generation in vLLM
-        (the server may not tell us by failing a send)."""
-        wants_usage = bool(ex.body.stream_options and ex.body.stream_options.include_usage)
-        collected = Collected()
-        line: str | None = first
+        """Pass vLLM's events through as they come, with the alias as `model`; at the end, judge the
+        answer and close an annotated stream with its risk event. `gone` completes when the client
+        disconnects: then the upstream stream is closed, which aborts the generation in vLLM (the
+        server may not tell us by failing a send)."""
+        collected = Collected(ex.endpoint, ex.body.n)
+        event = first
         try:
-            while line is not None:
-                if line.startswith("data:"):
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        ex.answer = collected.text
-                        await self._assess(ex, collected)
-                        if ex.assessment is not None and ex.assessment.decision == "annotate":
-                            yield self._risk_event(ex)
-                        yield b"data: [DONE]\n\n"
-                    else:
-                        event = self._chunk_event(ex, json.loads(data), collected, wants_usage)
-                        if event:
-                            yield event
+            while event is not None:
+                if event == DONE:
+                    await self._judge(ex, plan, collected)  # this plan cannot hold: only annotate or sample
+                    if ex.assessment is not None and ex.assessment.decision == Decision.ANNOTATE:
+                        yield self._own_event(ex, "risk")
+                    yield sse(DONE)
+                else:
+                    client_event = self._client_event(ex, event, collected)
+                    if client_event:
+                        yield client_event
                 if gone.done():
                     raise ClientDisconnected
                 t0 = time.perf_counter()
-                line = await anext(lines, None)
+                event = await anext(events, None)
                 ex.upstream_s += time.perf_counter() - t0
         except ClientDisconnected:
             ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
         except GatewayError as err:  # mid-stream: the status is sent; say it in an event
             ex.status, ex.error = err.status_code, err.message
-            yield f"data: {json.dumps(error_body(err.message, err.type, code=err.code))}\n\n".encode()
+            yield sse(error_body(err.message, err.type, code=err.code))
         except asyncio.CancelledError:
             ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
             raise
         finally:
             gone.cancel()
-            await lines.aclose()
+            await events.aclose()
             ex.answer = collected.text
             self._finish(ex)
 
-    def _row(self, ex: Exchange) -> dict:
-        """The traffic-log row of this exchange (`requests` table)."""
-        total_s = time.perf_counter() - ex.started
-        target, a = ex.target, ex.assessment
-        usage = ex.usage or {}
-        return {
-            "id": ex.id,
-            "created_at": ex.created_at,
-            "api_key_id": ex.caller.key_id,
-            "end_user": ex.end_user,
-            "route": ex.body.model if target is None else target.route,
-            "adapter_id": target.adapter_id if target else None,
-            "endpoint": ex.endpoint,
-            "stream": ex.body.stream,
-            "status_code": ex.status,
-            "request_json": ex.body.model_dump(exclude_unset=True),
-            "response_json": ex.response,
-            "prompt_text": ex.body.prompt_text(),
-            "answer_text": ex.answer,
-            "prompt_tokens": usage.get("prompt_tokens"),
-            "completion_tokens": usage.get("completion_tokens"),
-            "latency_ms": total_s * 1000,
-            "upstream_latency_ms": ex.upstream_s * 1000 if ex.upstream_s else None,
-            "guardrail_ms": a.seconds * 1000 if a else None,
-            "risk": a.risk if a else None,
-            "decision": (a.decision if a else "allow") if ex.status in (200, 202) else None,
-            "guardrail_scores": a.stored() if a else None,
-            "error": ex.error,
-        }
-
     def _finish(self, ex: Exchange) -> None:
-        total_s = time.perf_counter() - ex.started
-        metrics, target, a = self.s.metrics, ex.target, ex.assessment
-        route = ex.body.model if target is None else target.route
-        version = target.adapter_version if target else "none"
-        prompt_tokens = (ex.usage or {}).get("prompt_tokens")
-        completion_tokens = (ex.usage or {}).get("completion_tokens")
-        metrics.in_flight.dec()
-        metrics.requests.labels(route=route, adapter_version=version, status=str(ex.status)).inc()
-        metrics.request_seconds.labels(route=route).observe(total_s)
-        if ex.upstream_s:
-            metrics.upstream_seconds.labels(route=route).observe(ex.upstream_s)
-            metrics.overhead_seconds.labels(route=route).observe(max(0.0, total_s - ex.upstream_s))
-        if a is not None:
-            metrics.guardrail_seconds.labels(route=route).observe(a.seconds)
-        if ex.status in (200, 202):
-            metrics.decisions.labels(route=route, decision=a.decision if a else "allow").inc()
-        if prompt_tokens:
-            metrics.tokens.labels(route=route, kind="prompt").inc(prompt_tokens)
-        if completion_tokens:
-            metrics.tokens.labels(route=route, kind="completion").inc(completion_tokens)
-        limit = ex.caller.tokens_per_minute or self.s.settings.gateway.tokens_per_minute
-        self.s.limiter.spend_tokens(ex.caller.key_id, limit, (prompt_tokens or 0) + (completion_tokens or 0))
-        if ex.review_id is None:  # held and sampled rows were stored with their review item
-            self.s.traffic.record(self._row(ex))
+        """Charge the tokens to the key, and hand the exchange to the recorder (row and metrics)."""
+        prompt_tokens, completion_tokens = ex.tokens()
+        tokens_per_minute = self.limiter.limits(ex.caller)[1]
+        self.limiter.spend_tokens(ex.caller.key_id, tokens_per_minute, (prompt_tokens or 0) + (completion_tokens or 0))
+        self.recorder.finish(ex)

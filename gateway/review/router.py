@@ -23,7 +23,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response
 from fastapi.responses import HTMLResponse
 
-from gateway.deps import AppCaller, ReviewerCaller, Svc
+from core.vocab import Role
+from gateway.deps import AppCaller, ReviewerCaller, get_review
 from gateway.review.schemas import (
     AgreementRow,
     DecisionCreate,
@@ -47,11 +48,7 @@ PAGE_HEADERS = {
 }
 
 
-def get_review_service(services: Svc) -> ReviewService:
-    return services.review
-
-
-Review = Annotated[ReviewService, Depends(get_review_service)]
+Review = Annotated[ReviewService, Depends(get_review)]
 
 
 @router.post(
@@ -88,7 +85,7 @@ async def agreement(_: ReviewerCaller, review: Review) -> list[AgreementRow]:
     summary="The outcome of a held answer",
 )
 async def outcome(item_id: str, caller: AppCaller, review: Review, response: Response) -> ReviewOutcome:
-    owner = None if caller.role == "admin" else caller.key_id  # an app key reads only its own requests
+    owner = None if caller.role == Role.ADMIN else caller.key_id  # an app key reads only its own requests
     result = await asyncio.to_thread(review.outcome, item_id, owner)
     if not result.done:
         response.status_code = 202

@@ -1,0 +1,288 @@
+"""The recorder: the one place that builds a request's `requests` row and stores it, and its metrics.
+
+A row is stored one of two ways, under the same privacy rules (`private()`):
+
+* the traffic log (`TrafficLog`): `record()` queues the row and returns; one background task writes
+  the queue in batches (`log_batch_size` rows or every `log_flush_interval_s`) in a worker thread,
+  so the database is never on the request's critical path. A failed write is retried with backoff
+  and its rows kept, and `close()` drains the queue before the process exits;
+* with a review item (`Recorder.hold`), for an answer the guardrails send to review (held or
+  sampled): row and item in one transaction, before the client hears back.
+
+Privacy (`gateway.store_text`, `gateway.mask_pii`), applied in a worker thread on both paths:
+`store_text: false` stores no text (prompt, answer, request and response bodies, the guardrails'
+context and evidence); `mask_pii` masks e-mails, phone and card numbers and national ids in all of
+them (`guardrails.pii.scrub`), and drops the unsupported spans when masking moved the answer's
+characters. Retention (`purge_expired`) deletes old rows no review item or training example uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import delete, exists, insert, select
+from sqlalchemy.orm import sessionmaker
+
+from core.db import Example, Request, ReviewItem, utcnow
+from core.keys import Principal
+from core.settings import GatewaySettings
+from core.vocab import Decision, ReviewReason
+from gateway.metrics import Metrics
+from guardrails.pii import scrub
+
+if TYPE_CHECKING:
+    from gateway.guarding import Assessment
+    from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
+    from gateway.review.service import ReviewService
+    from gateway.routing import Target
+
+log = logging.getLogger("tunegate.traffic")
+TEXT_FIELDS = ("prompt_text", "answer_text")
+BODY_FIELDS = ("request_json", "response_json")
+_STOP: dict = {}  # queued by close(): everything before it gets written, then the writer ends
+
+
+@dataclass
+class Exchange:
+    """What is known about one request as it goes through the gateway; becomes its `requests` row."""
+
+    endpoint: str  # chat | completions
+    body: ChatCompletionRequest | CompletionRequest
+    caller: Principal
+    end_user: str
+    target: Target | None = None
+    started: float = field(default_factory=time.perf_counter)
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created_at: datetime = field(default_factory=utcnow)
+    upstream_s: float = 0.0
+    status: int = 200
+    answer: str | None = None
+    response: dict | None = None
+    usage: dict | None = None
+    error: str | None = None
+    context: str | None = None
+    assessment: Assessment | None = None
+    review_id: str | None = None  # set when the row went to the database with a review item
+
+    @property
+    def route(self) -> str:
+        return self.body.model if self.target is None else self.target.route
+
+    @property
+    def decision(self) -> Decision | None:
+        """The policy's decision for a served request (allow without guardrails); None for errors."""
+        if self.status not in (200, 202):
+            return None
+        return Decision.ALLOW if self.assessment is None else self.assessment.decision
+
+    def tokens(self) -> tuple[int | None, int | None]:
+        usage = self.usage or {}
+        return usage.get("prompt_tokens"), usage.get("completion_tokens")
+
+
+def _masked(value: Any) -> Any:
+    """`value` (JSON) with the PII in every string masked."""
+    if isinstance(value, str):
+        return scrub(value)[0]
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _masked(v) for k, v in value.items()}
+    return value
+
+
+def private(row: dict[str, Any], settings: GatewaySettings) -> dict[str, Any]:
+    """The row as the privacy settings let it be stored (a new dict): the one rule for both paths."""
+    if settings.store_text and not settings.mask_pii:
+        return row
+    row = dict(row)
+    document = dict(row.get("guardrail_scores") or {}) or None
+    if not settings.store_text:
+        row.update(dict.fromkeys((*TEXT_FIELDS, *BODY_FIELDS)))
+        if document:
+            document.pop("context", None)
+            document.pop("evidence", None)
+    else:
+        answer = row.get("answer_text")
+        for name in (*TEXT_FIELDS, *BODY_FIELDS):
+            row[name] = _masked(row.get(name))
+        if document:
+            document = _masked(document)
+            if answer != row["answer_text"]:  # offsets into the original no longer fit the masked answer
+                document["unsupported_spans"] = []
+    if "guardrail_scores" in row:
+        row["guardrail_scores"] = document
+    return row
+
+
+class TrafficLog:
+    """The batched writer of the `requests` table (see the module docstring)."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker,
+        settings: GatewaySettings,
+        metrics: Metrics,
+        backoff_s: tuple[float, float] = (0.5, 30.0),
+    ) -> None:
+        self.sessions, self.settings, self.metrics = sessions, settings, metrics
+        self.backoff_s = backoff_s  # first and longest wait between retries of a failed write
+        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.written = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="traffic-log-writer")
+
+    def record(self, row: dict) -> None:
+        """Queue a row (as built; `private()` is applied when it is written)."""
+        self.queue.put_nowait(row)
+        self.metrics.log_queue.set(self.queue.qsize())
+
+    async def _next_batch(self) -> tuple[list[dict], bool]:
+        """Up to `log_batch_size` rows, waiting at most the flush interval after the first; and
+        whether `close()` asked the writer to stop (the stop marker is queued after every row)."""
+        first = await self.queue.get()
+        if first is _STOP:
+            return [], True
+        batch = [first]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.log_flush_interval_s
+        while len(batch) < self.settings.log_batch_size:
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                item = await asyncio.wait_for(self.queue.get(), timeout)
+            except TimeoutError:
+                break
+            if item is _STOP:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    async def _run(self) -> None:
+        while True:
+            batch, stop = await self._next_batch()
+            if batch:
+                await self._write_with_retry(batch)
+            if stop:
+                return
+
+    async def _write_with_retry(self, batch: list[dict]) -> None:
+        delay, longest = self.backoff_s
+        while True:
+            try:
+                await asyncio.to_thread(self._write, batch)
+                break
+            except Exception:  # the database is down or busy: keep the rows, try again
+                log.exception("writing %d traffic-log rows failed; retrying in %.1f s", len(batch), delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, longest)
+        self.written += len(batch)
+        self.metrics.log_written.inc(len(batch))
+        self.metrics.log_queue.set(self.queue.qsize())
+
+    def _write(self, batch: list[dict]) -> None:
+        rows = [private(row, self.settings) for row in batch]
+        with self.sessions() as session:
+            session.execute(insert(Request), rows)
+            session.commit()
+
+    async def close(self) -> None:
+        """Write every row recorded so far, then stop the writer."""
+        if self._task is not None and not self._task.done():
+            self.queue.put_nowait(_STOP)
+            await self._task
+        rest: list[dict] = []
+        while not self.queue.empty():  # rows recorded after the stop marker (nothing should, but keep them)
+            item = self.queue.get_nowait()
+            if item is not _STOP:
+                rest.append(item)
+        if rest:
+            await self._write_with_retry(rest)
+
+
+def purge_expired(sessions: sessionmaker, retention_days: int) -> int:
+    """Delete traffic-log rows older than the retention that nothing else points at; returns how many."""
+    cutoff = utcnow() - timedelta(days=retention_days)
+    referenced = exists().where(ReviewItem.request_id == Request.id)
+    used = exists().where(Example.source_request_id == Request.id)
+    with sessions() as session:
+        ids = session.scalars(select(Request.id).where(Request.created_at < cutoff, ~referenced, ~used)).all()
+        if ids:
+            session.execute(delete(Request).where(Request.id.in_(ids)))
+            session.commit()
+    return len(ids)
+
+
+class Recorder:
+    """Builds the row of an exchange and stores it once: with its review item, or in the traffic log."""
+
+    def __init__(self, traffic: TrafficLog, review: ReviewService, metrics: Metrics, settings: GatewaySettings):
+        self.traffic, self.review, self.metrics, self.settings = traffic, review, metrics, settings
+
+    def row(self, ex: Exchange) -> dict[str, Any]:
+        """The `requests` row of the exchange as it stands (before `private()`)."""
+        target, a = ex.target, ex.assessment
+        prompt_tokens, completion_tokens = ex.tokens()
+        return {
+            "id": ex.id,
+            "created_at": ex.created_at,
+            "api_key_id": ex.caller.key_id,
+            "end_user": ex.end_user,
+            "route": ex.route,
+            "adapter_id": target.adapter_id if target else None,
+            "endpoint": ex.endpoint,
+            "stream": ex.body.stream,
+            "status_code": ex.status,
+            "request_json": ex.body.model_dump(exclude_unset=True),
+            "response_json": ex.response,
+            "prompt_text": ex.body.prompt_text(),
+            "answer_text": ex.answer,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "latency_ms": (time.perf_counter() - ex.started) * 1000,
+            "upstream_latency_ms": ex.upstream_s * 1000 if ex.upstream_s else None,
+            "guardrail_ms": a.seconds * 1000 if a else None,
+            "risk": a.risk if a else None,
+            "decision": ex.decision,
+            "guardrail_scores": a.stored() if a else None,
+            "error": ex.error,
+        }
+
+    async def hold(self, ex: Exchange, reason: ReviewReason) -> str:
+        """Store the row with a pending review item (one transaction, before the client hears back)."""
+        row = self.row(ex)
+        ex.review_id = await asyncio.to_thread(lambda: self.review.hold(private(row, self.settings), reason=reason))
+        return ex.review_id
+
+    def begin(self) -> None:
+        self.metrics.in_flight.inc()
+
+    def finish(self, ex: Exchange) -> None:
+        """The request is over: its metrics, and its row to the traffic log unless stored with a review item."""
+        total_s = time.perf_counter() - ex.started
+        m, route, a = self.metrics, ex.route, ex.assessment
+        m.in_flight.dec()
+        version = ex.target.adapter_version if ex.target else "none"
+        m.requests.labels(route=route, adapter_version=version, status=str(ex.status)).inc()
+        m.request_seconds.labels(route=route).observe(total_s)
+        if ex.upstream_s:
+            m.upstream_seconds.labels(route=route).observe(ex.upstream_s)
+            m.overhead_seconds.labels(route=route).observe(max(0.0, total_s - ex.upstream_s))
+        if a is not None:
+            m.guardrail_seconds.labels(route=route).observe(a.seconds)
+        if ex.decision is not None:
+            m.decisions.labels(route=route, decision=ex.decision).inc()
+        for kind, tokens in zip(("prompt", "completion"), ex.tokens(), strict=True):
+            if tokens:
+                m.tokens.labels(route=route, kind=kind).inc(tokens)
+        if ex.review_id is None:
+            self.traffic.record(self.row(ex))
