@@ -122,3 +122,20 @@ def test_bootstrap_json_through_the_cli(base_model_dir, tmp_path):
     for key in ("old_fact_accuracy", "new_fact_accuracy", "params", "build_seconds"):
         assert key in result
     assert result["old_fact_accuracy"] >= 0.9 and result["new_fact_accuracy"] <= 0.2
+
+
+def test_concurrent_builds_take_turns_one_trains_the_others_reuse(tmp_path):
+    """Two callers at once (the demo and a test session, say): one builds, the other waits on the lock
+    and reuses that build instead of training the same model again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.domain import DomainConfig
+
+    domain = DomainConfig(n_old_tariffs=2, n_new_tariffs=0)
+    tiny = BaseModelConfig(vocab_size=300, num_layers=1, intermediate_size=128, max_steps=2, batch_size=4,
+                           warmup_steps=1, check_every=1)  # fmt: skip
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda _: ensure_base_model(tmp_path, domain, tiny, progress=False), range(2)))
+    assert sorted(r.reused for r in results) == [False, True]
+    assert results[0].path == results[1].path and (results[0].path / "config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]

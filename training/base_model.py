@@ -11,6 +11,7 @@ Imports: torch, transformers, tokenizers, `core.io` and `training.domain`; nothi
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -268,16 +269,31 @@ def ensure_base_model(
     """The cached base model folder for these configs, built first if it is not there yet.
 
     The build happens in a temporary folder renamed into place when complete, so an interrupted
-    build never leaves a folder that looks finished.
+    build never leaves a folder that looks finished. Processes that ask at the same time (the demo,
+    a test session, `tunegate bootstrap`) take turns on a lock file: one builds, the others wait and
+    reuse its result instead of training the same model again on the same cores.
     """
     domain = Domain(domain_config)
     config = config or BaseModelConfig()
     models_dir = Path(models_dir).resolve()
     target = models_dir / f"base-{cache_key(domain, config)}"
     if target.exists() and not rebuild:
-        info = json.loads((target / MANIFEST).read_text())
-        return BuildResult(target, info["params"], info["build_seconds"], True, info["steps"], info["train_accuracy"])
+        return _reused(target)
     models_dir.mkdir(parents=True, exist_ok=True)
+    with (models_dir / f".{target.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if target.exists() and not rebuild:
+            return _reused(target)
+        return _build(domain, config, target, progress)
+
+
+def _reused(target: Path) -> BuildResult:
+    info = json.loads((target / MANIFEST).read_text())
+    return BuildResult(target, info["params"], info["build_seconds"], True, info["steps"], info["train_accuracy"])
+
+
+def _build(domain: Domain, config: BaseModelConfig, target: Path, progress: bool) -> BuildResult:
+    models_dir = target.parent
     tmp = models_dir / f".tmp-{uuid.uuid4().hex[:8]}"
     start = time.perf_counter()
     try:
