@@ -7,23 +7,47 @@ The file is `tunegate.yaml` in the working directory unless `TUNEGATE_CONFIG` na
 
 A bad value never reaches the code that uses it: `load_settings` raises `SettingsError`, whose
 message names the field, the value and where it came from; the CLI prints it and exits 2.
+
+Secrets never leave in what is printed (`tunegate settings show`, `redacted()`), in an error
+message or in a repr: a field typed `SecretStr` or declared `_SECRET` shows as `***`; a field
+declared `_SECRET_URL` (a webhook, whose path is often the credential) keeps only its scheme, user
+and host; and every other string keeps its URLs with their passwords and secret query values
+masked (`mask_url`). A key that is not a setting but is named like a secret (`secret_kye`) is masked
+too. `secret_kind(loc)` says how a field at a location is treated.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
+from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "TUNEGATE_"
 CONFIG_ENV = "TUNEGATE_CONFIG"
 DEFAULT_CONFIG_FILE = "tunegate.yaml"
 DEFAULT_SECRET = "dev-only-change-me"
+MASK = "***"
+
+# How a secret field is masked (see the module's docstring): the whole value, or all of a URL but its
+# scheme, user and host. Declared with `json_schema_extra`; such fields also stay out of the repr.
+_SECRET: dict[str, Any] = {"secret": "value"}
+_SECRET_URL: dict[str, Any] = {"secret": "url"}
+# A key that is not a setting is treated as a secret when its name looks like one (a typo of one).
+_SECRET_NAME = re.compile(
+    r"(?:^|_)(?:secrets?|password|passwd|pwd|token|api_?key|credentials?|private_key)(?:_|$)", re.I
+)
+# Query parameters whose value is masked in any URL shown (`?api-key=...`, `?token=...`, `?sig=...`).
+_SECRET_QUERY = re.compile(r"key|token|secret|pass|sig|auth|credential", re.I)
+# A URL inside a string (starts only where a scheme can start, so the search is linear).
+_URL_RE = re.compile(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+")
 
 
 class SettingsError(Exception):
@@ -36,7 +60,9 @@ class _Section(BaseModel):
 
 
 class DatabaseSettings(_Section):
-    url: str = Field("", description="SQLAlchemy URL; empty means SQLite at `<var_dir>/tunegate.db`.")
+    url: str = Field(
+        "", repr=False, description="SQLAlchemy URL; empty means SQLite at `<var_dir>/tunegate.db` (password masked)."
+    )
     echo: bool = Field(False, description="Log every SQL statement.")
 
     @field_validator("url")
@@ -51,7 +77,7 @@ class DatabaseSettings(_Section):
 
 
 class VllmSettings(_Section):
-    url: str | None = Field(None, description="Use this running vLLM server instead of starting one.")
+    url: str | None = Field(None, repr=False, description="Use this running vLLM server instead of starting one.")
     host: str = Field("127.0.0.1", description="Address the managed vLLM server binds to.")
     port: int = Field(8100, ge=1, le=65535, description="Port of the managed vLLM server.")
     max_loras: int = Field(8, ge=1, description="Adapters resident in one batch (`--max-loras`).")
@@ -109,9 +135,13 @@ class GuardrailSettings(_Section):
         description="Fitted risk model (`tunegate guard calibrate`); default `<var_dir>/guardrails/calibration.json`.",
     )
     nli_model_path: Path | None = Field(None, description="Local folder of an NLI / hallucination classifier.")
-    judge_url: str | None = Field(None, description="OpenAI-compatible endpoint of an LLM judge.")
+    judge_url: str | None = Field(
+        None, repr=False, description="OpenAI-compatible endpoint of an LLM judge (password, key masked)."
+    )
     judge_model: str | None = Field(None, description="Model name the judge endpoint serves.")
-    judge_api_key: str | None = Field(None, description="Key for the judge endpoint.")
+    judge_api_key: str | None = Field(
+        None, repr=False, json_schema_extra=_SECRET, description="Key for the judge endpoint (a secret)."
+    )
     consistency_samples: int = Field(0, ge=0, le=8, description="Extra samples asked of vLLM for self-consistency.")
     policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy of routes without their own.")
 
@@ -124,7 +154,12 @@ class ReviewSettings(_Section):
     hold_fallback: Literal["refuse", "release"] = Field(
         "refuse", description="What a held answer becomes when nobody decided in time."
     )
-    webhook_url: str | None = Field(None, description="POSTed the outcome of each held item.")
+    webhook_url: str | None = Field(
+        None,
+        repr=False,
+        json_schema_extra=_SECRET_URL,
+        description="POSTed the outcome of each held item (a secret but for its scheme, user and host).",
+    )
 
 
 class RouteSettings(_Section):
@@ -177,7 +212,9 @@ class Settings(BaseSettings):
         "development", description="`production` refuses default secrets."
     )
     var_dir: Path = Field(Path("var"), description="Where tunegate keeps its database, models and runs.")
-    secret_key: str = Field(DEFAULT_SECRET, min_length=8, description="Signs reviewer sessions.")
+    secret_key: SecretStr = Field(
+        SecretStr(DEFAULT_SECRET), description="Signs reviewer sessions; 8 characters or more (a secret)."
+    )
     seed: int = Field(0, description="Seed for everything tunegate generates itself.")
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     vllm: VllmSettings = Field(default_factory=VllmSettings)
@@ -191,9 +228,16 @@ class Settings(BaseSettings):
 
     config_file: Path | None = Field(None, exclude=True, description="The YAML file these came from.")
 
+    @field_validator("secret_key")
+    @classmethod
+    def _long_enough(cls, secret: SecretStr) -> SecretStr:
+        if len(secret.get_secret_value()) < 8:
+            raise ValueError("must have at least 8 characters")
+        return secret
+
     @model_validator(mode="after")
     def _no_default_secrets_in_production(self) -> Settings:
-        if self.environment == "production" and self.secret_key == DEFAULT_SECRET:
+        if self.environment == "production" and self.secret_key.get_secret_value() == DEFAULT_SECRET:
             raise ValueError(
                 "`secret_key` still has its development default; set TUNEGATE_SECRET_KEY "
                 "before running with environment=production"
@@ -203,6 +247,13 @@ class Settings(BaseSettings):
     @property
     def database_url(self) -> str:
         return self.database.url or f"sqlite:///{(self.var_dir / 'tunegate.db').as_posix()}"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as JSON data with every secret masked (what `tunegate settings show` prints);
+        `database.url` is the effective one."""
+        data = redact(self.model_dump(mode="json"))
+        data["database"]["url"] = mask_url(self.database_url)
+        return data
 
     @property
     def models_dir(self) -> Path:
@@ -232,15 +283,107 @@ class Settings(BaseSettings):
         return env_settings, init_settings
 
 
+def _declared_secret(info: FieldInfo) -> str | None:
+    if info.annotation is SecretStr:
+        return _SECRET["secret"]
+    extra = info.json_schema_extra
+    return extra.get("secret") if isinstance(extra, dict) else None  # type: ignore[return-value]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for m in map(_model_in, get_args(annotation)) if m is not None), None)
+
+
+def _is_container(annotation: Any) -> bool:
+    return get_origin(annotation) in (dict, list) or any(get_origin(a) in (dict, list) for a in get_args(annotation))
+
+
+def secret_kind(loc: tuple[Any, ...]) -> str | None:
+    """`"value"` (shown as `***`), `"url"` (a URL shown without password, path and query) or None for
+    the setting at `loc` (e.g. `("guardrails", "judge_api_key")`), or for anything inside it. A key
+    that is no setting counts as a secret when its name looks like one."""
+    model: type[BaseModel] | None = Settings
+    item = False  # the next key is a dict key or list index of the field just crossed
+    for key in loc:
+        if item:
+            item = False
+            continue
+        if model is None or key not in model.model_fields:
+            return _SECRET["secret"] if isinstance(key, str) and _SECRET_NAME.search(key) else None
+        info = model.model_fields[key]
+        if kind := _declared_secret(info):
+            return kind
+        model, item = _model_in(info.annotation), _is_container(info.annotation)
+    return None
+
+
+def _mask_one_url(url: str, hide_path: bool) -> str:
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    netloc = parts.netloc
+    user, at, host = netloc.rpartition("@")
+    if at and ":" in user:
+        netloc = f"{user.split(':', 1)[0]}:{MASK}@{host}"
+    if hide_path:
+        tail = f"/{MASK}" if parts.path.strip("/") or parts.query else ""
+        return f"{parts.scheme}://{netloc}{tail}"
+    query = "&".join(
+        f"{name}={MASK}" if sep and _SECRET_QUERY.search(name) else f"{name}{sep}{value}"
+        for name, sep, value in (p.partition("=") for p in parts.query.split("&"))
+    )
+    rest = url[len(parts.scheme) + 3 + len(parts.netloc) :]  # path, query, fragment as written
+    if parts.query:
+        start = rest.index("?") + 1
+        rest = rest[:start] + query + rest[start + len(parts.query) :]
+    return f"{parts.scheme}://{netloc}{rest}"
+
+
+def mask_url(text: str, hide_path: bool = False) -> str:
+    """`text` with the password and the secret query values (`key`, `token`, `sig`, ...) of every URL in
+    it masked; with `hide_path`, each URL keeps only its scheme, user and host (a webhook's path is
+    often its credential). `postgresql://u:p@h/db` -> `postgresql://u:***@h/db`."""
+    return _URL_RE.sub(lambda m: _mask_one_url(m.group(0), hide_path), text)
+
+
+def redact(value: Any, loc: tuple[Any, ...] = ()) -> Any:
+    """`value` (settings data found at `loc`, as in a YAML file) with every secret in it masked."""
+    kind = secret_kind(loc) if loc else None
+    if kind == "value" and value not in (None, ""):
+        return MASK
+    if isinstance(value, dict):
+        return {k: redact(v, (*loc, k)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v, (*loc, i)) for i, v in enumerate(value)]
+    if isinstance(value, str):
+        return mask_url(value, hide_path=kind == "url")
+    return value
+
+
 def config_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_FILE))
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, without `str(err)`'s quote of the offending line (a secret?)."""
+
+    def at(mark: Any) -> str:
+        return f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+
+    problem = getattr(err, "problem", None) or type(err).__name__
+    context = getattr(err, "context", None)
+    context = f" ({context}{at(getattr(err, 'context_mark', None))})" if context else ""
+    return f"{at(getattr(err, 'problem_mark', None))}: {problem}{context}"
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise SettingsError(f"{path}: not valid YAML: {err}") from None
+        raise SettingsError(f"{path}: not valid YAML{_yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: the top level must be a mapping of setting names to values")
     return data
@@ -266,6 +409,7 @@ def _describe(err: dict[str, Any], file_data: dict[str, Any], path: Path | None)
         source = str(path) if found and path else "defaults"
         if not found:
             value = err.get("input")
+    value = redact(value, loc)
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown setting (check the spelling; `tunegate settings show` lists them all)"

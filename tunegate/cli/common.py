@@ -43,12 +43,6 @@ def settings_or_exit(config: Path | None) -> Settings:
         raise fail(str(err)) from None
 
 
-def safe_url(url: str) -> str:
-    from sqlalchemy.engine import make_url
-
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def with_session(settings: Settings):
     """A session on the configured database, migrated to the latest schema first."""
     from core.db import make_engine, session_factory, session_scope, upgrade

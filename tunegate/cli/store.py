@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tunegate.cli.common import ConfigOption, JsonOption, console, fail, safe_url, settings_or_exit, with_session
+from core.settings import mask_url
+from tunegate.cli.common import ConfigOption, JsonOption, console, fail, settings_or_exit, with_session
 
 db_app = typer.Typer(no_args_is_help=True, help="The database schema (Alembic migrations).")
 settings_app = typer.Typer(no_args_is_help=True, help="Inspect the effective settings.")
@@ -24,7 +25,7 @@ def db_upgrade(config: ConfigOption = None, revision: str = "head") -> None:
     settings = settings_or_exit(config)
     migrate.upgrade(settings.database_url, revision)
     revision = migrate.current(settings.database_url)
-    console.print(f"database at [bold]{safe_url(settings.database_url)}[/] is at revision {revision}")
+    console.print(f"database at [bold]{mask_url(settings.database_url)}[/] is at revision {revision}")
 
 
 @db_app.command("downgrade")
@@ -51,12 +52,8 @@ def db_current(config: ConfigOption = None) -> None:
 
 @settings_app.command("show")
 def settings_show(config: ConfigOption = None) -> None:
-    """Print the effective settings as JSON (secrets masked)."""
-    settings = settings_or_exit(config)
-    data = settings.model_dump(mode="json")
-    data["secret_key"] = "***"
-    data["database"]["url"] = safe_url(settings.database_url)
-    typer.echo(json.dumps(data, indent=2))
+    """Print the effective settings as JSON (secrets masked: keys as `***`, URLs without passwords)."""
+    typer.echo(json.dumps(settings_or_exit(config).redacted(), indent=2))
 
 
 @keys_app.command("create")
