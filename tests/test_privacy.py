@@ -4,11 +4,14 @@ parameters (row values: PII) never reach a database error's message."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from pydantic import BaseModel, SecretStr
 from typer.testing import CliRunner
 
@@ -167,3 +170,81 @@ def test_invalid_yaml_is_located_but_not_quoted(tmp_path):
         message = error_of(write(tmp_path, text))
         assert "not valid YAML at line" in message
         assert_no_secret(message)
+
+
+# --- SQL parameters ----------------------------------------------------------------------------------
+
+ROW_SECRET = "bob.secret@example.com"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def table(request, tmp_path):
+    """An engine from `make_engine` and a fresh table `(email unique, n not null)` in it."""
+    from core.db.session import make_engine
+
+    url = f"sqlite:///{tmp_path / 'privacy.db'}" if request.param == "sqlite" else None
+    engine = make_engine(url or request.getfixturevalue("postgres_database"))
+    name = f"privacy_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {name} (email VARCHAR(200) UNIQUE, n INTEGER NOT NULL)"))
+    yield engine, name
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"DROP TABLE {name}"))
+    engine.dispose()
+
+
+def insert(engine: sa.Engine, name: str, email, n) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"INSERT INTO {name} (email, n) VALUES (:email, :n)"), {"email": email, "n": n})
+
+
+def assert_no_row_values(err: pytest.ExceptionInfo) -> None:
+    for text in (str(err.value), repr(err.value), str(err.value.orig)):
+        assert ROW_SECRET not in text and "sk-row" not in text, text
+
+
+def test_a_duplicate_row_error_does_not_carry_the_row(table):
+    engine, name = table
+    insert(engine, name, ROW_SECRET, 1)
+    with pytest.raises(sa.exc.IntegrityError) as err:
+        insert(engine, name, ROW_SECRET, 2)
+    assert_no_row_values(err)
+    assert "hidden" in str(err.value) and name in str(err.value)  # the statement is still there
+
+
+def test_a_null_column_error_does_not_carry_the_row(table):
+    engine, name = table
+    with pytest.raises(sa.exc.IntegrityError) as err:
+        insert(engine, name, ROW_SECRET, None)
+    assert_no_row_values(err)
+
+
+def test_a_parameter_the_driver_cannot_bind_is_not_shown(table):
+    engine, name = table
+    with pytest.raises(sa.exc.StatementError) as err:
+        insert(engine, name, {"email": ROW_SECRET}, 1)
+    assert_no_row_values(err)
+
+
+@pytest.mark.postgres
+def test_postgresql_messages_lose_values_but_keep_their_code(postgres_database):
+    from core.db.session import make_engine
+
+    engine = make_engine(postgres_database)
+    with pytest.raises(sa.exc.DataError) as err, engine.connect() as conn:
+        conn.execute(sa.text("SELECT CAST(:n AS INTEGER)"), {"n": "sk-row-123"})
+    assert_no_row_values(err)
+    assert "invalid input syntax for type integer" in str(err.value)
+    assert err.value.orig.sqlstate == "22P02"  # what code may branch on is untouched
+    engine.dispose()
+
+
+def test_echoed_statements_do_not_log_parameters(tmp_path, caplog):
+    from core.db.session import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'echo.db'}", echo=True)
+    with caplog.at_level(logging.INFO, logger="sqlalchemy.engine"), engine.begin() as conn:
+        conn.execute(sa.text("CREATE TABLE t (email TEXT)"))
+        conn.execute(sa.text("INSERT INTO t (email) VALUES (:email)"), {"email": ROW_SECRET})
+    assert "INSERT INTO t" in caplog.text and ROW_SECRET not in caplog.text
+    engine.dispose()
