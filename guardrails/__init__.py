@@ -12,4 +12,6 @@ Public API (import from the submodules; this package imports nothing heavy on it
   `rows_from_reviews`
 - `guardrails.policy`: `decide(risk, PolicySettings) -> "allow" | "annotate" | "hold" | "block"`
 - `guardrails.retrieval`: `KnowledgeBase` (BM25 over a JSONL of passages)
+- `guardrails.cache`: `LRU`, and the list of every cache in the package (each keyed by a hash of its
+  text, never the text, and bounded)
 """

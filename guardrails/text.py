@@ -1,15 +1,19 @@
 """Text normalisation shared by the detectors: sentences, content words, light stemming, entities, numbers.
 
 Owns the tokenisation every lexical detector agrees on, so that "supported" means the same thing in
-grounding, consistency and retrieval. Pure functions of strings; imports the standard library only.
+grounding, consistency and retrieval. Pure functions of strings; imports `guardrails.cache` and the
+standard library only. `stem` caches how it stems a word (a recipe, keyed by the word's hash: no word
+is kept), for at most `STEM_CACHE_SIZE` words.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
-from functools import lru_cache
+
+from guardrails.cache import LRU
 
 # A compact English stop-word list: function words, auxiliaries, question words and fillers. Words
 # that carry meaning in an answer ("not", "no", "never", numbers) are deliberately absent.
@@ -54,11 +58,32 @@ def normalise(text: str) -> str:
     return text.replace("’", "'").replace("‘", "'").replace("–", "-").replace("—", "-").lower()
 
 
-@lru_cache(maxsize=65536)
+#: Words whose stemming `stem` remembers, least recently used out first (`guardrails.cache`).
+STEM_CACHE_SIZE = 65_536
+# hash(lower-cased word) -> (its length, how many of its characters the stem keeps, what it adds: "" or "y")
+_STEMS: LRU[int, tuple[int, int, str]] = LRU(STEM_CACHE_SIZE)
+
+
 def stem(word: str) -> str:
     """A light suffix stripper: plurals, possessives, -ing, -ed, -ly, -ies (enough to match "charges"
     with "charge" and "offered" with "offer"; never as aggressive as Porter)."""
     w = word.lower()
+    key = hash(w)
+    recipe = _STEMS.get(key)
+    if recipe is None or recipe[0] != len(w):
+        stemmed = _strip_suffixes(w)
+        kept = len(os.path.commonprefix([w, stemmed]))
+        recipe = (len(w), kept, stemmed[kept:])
+        _STEMS.put(key, recipe)
+    return w[: recipe[1]] + recipe[2]
+
+
+def clear_stem_cache() -> None:
+    """Forget every stemming recipe (a benchmark's cold start)."""
+    _STEMS.clear()
+
+
+def _strip_suffixes(w: str) -> str:
     if w.endswith(("'s", "’s")):
         w = w[:-2]
     if len(w) <= 3 or w.isdigit():

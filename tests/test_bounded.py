@@ -8,6 +8,7 @@ the masker's Python work is counted deterministically (lines executed, by `sys.s
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from contextlib import contextmanager
@@ -121,3 +122,55 @@ def test_card_masking_keeps_its_meaning_on_long_spans():
     assert masked == " ".join(["12"] * 43) + " [CARD] [CARD] " + " ".join(["7"] * 48)
     assert counts == {"CARD": 2}
     assert scrub("order 12 4111-1111-1111-1111")[0] == "order 12 [CARD]"
+
+
+# --- guardrail caches --------------------------------------------------------------------------------
+
+
+def test_lru_keeps_the_most_recently_used_entries():
+    from guardrails.cache import LRU
+
+    cache = LRU(3)
+    for key in "abc":
+        cache.put(key, key.upper())
+    assert cache.get("a") == "A"  # a is now the most recent: b goes first
+    cache.put("d", "D")
+    assert cache.keys() == ["c", "a", "d"] and len(cache) == 3
+    assert cache.get_or_add("e", lambda: "E") == "E" and cache.get_or_add("e", lambda: "X") == "E"
+    assert "c" not in cache.keys()
+    cache.clear()
+    assert len(cache) == 0
+    with pytest.raises(ValueError, match="size"):
+        LRU(0)
+
+
+def test_grounding_cache_is_keyed_by_the_passage_hash_and_bounded():
+    from core.io import sha256_text
+    from guardrails.detectors import grounding as g
+    from guardrails.types import CheckInput
+
+    g.grounding.clear_cache()
+    contexts = [f"Tariff T{i} costs {i}.50 EUR per month in Northvale." for i in range(g.GROUNDING_CACHE_SIZE + 50)]
+    for i, context in enumerate(contexts):
+        g.grounding(CheckInput(question="What does it cost?", answer=f"Tariff T{i} costs 3 EUR.", context=context))
+    keys = g._SUPPORTS.keys()
+    assert len(keys) <= g.GROUNDING_CACHE_SIZE
+    assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)  # hashes, never the passage
+    assert sha256_text(contexts[-1]) in keys and sha256_text(contexts[0]) not in keys  # the oldest went first
+    g.grounding.clear_cache()
+    assert len(g._SUPPORTS) == 0
+
+
+def test_stem_cache_holds_no_words_and_is_bounded():
+    from guardrails import text
+
+    text.clear_stem_cache()
+    words = [f"zq{i}x{'ings' if i % 2 else 'ed'}" for i in range(text.STEM_CACHE_SIZE + 100)]
+    stems = [text.stem(w) for w in words]
+    assert len(text._STEMS) <= text.STEM_CACHE_SIZE
+    held = [v for entry in text._STEMS.items() for part in entry for v in (part if isinstance(part, tuple) else [part])]
+    assert not [v for v in held if isinstance(v, str) and len(v) > 1]  # a recipe (lengths, "y"), never the word
+    assert stems[:2] == ["zq0x", "zq1xing"] and [text.stem(w) for w in words[:2]] == stems[:2]
+    assert text.stem("Charges") == text.stem("charge") == text.stem("charged") == "charg"
+    assert text.stem("Flies") == "fly" and text.stem("stopped") == "stop" and text.stem("Bob's") == "bob"
+    text.clear_stem_cache()

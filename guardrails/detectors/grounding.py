@@ -3,7 +3,7 @@
 Owns three checks per answer sentence against the context (and the question, which an answer may
 restate): content words after normalisation and light stemming, named entities (capitalised spans and
 letter-digit codes) and numbers with their units ("12.40 EUR" needs 12.4 EUR in the context, not
-12.4 months). Pure function; imports `guardrails.text` and `guardrails.types` only.
+12.4 months). Pure function; imports `core.io`, `guardrails.cache`, `guardrails.text` and `guardrails.types`.
 
 Score (a risk in [0, 1]): a noisy-OR of the evidence,
 `1 - (1 - number) * (1 - entity) * (1 - lexical) * (1 - scatter)`, where `number` is the share of the
@@ -13,13 +13,17 @@ of an answer sentence's supported words that its best-matching context sentence 
 together from different sentences). No context: unknown. An answer with
 nothing to check (e.g. "yes"): 0, with `"checked": 0` in the evidence. The calibrated risk
 (`guardrails.calibration`) also sees the parts, as `grounding.<feature>`.
+
+What a passage offers as support is cached per SHA-256 of the passage (the cache holds no text),
+for the `GROUNDING_CACHE_SIZE` most recently used passages (`guardrails.cache`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
+from core.io import sha256_text
+from guardrails.cache import LRU
 from guardrails.text import Number, content_words, entities, numbers, sentences, stem
 from guardrails.types import CheckInput, DetectorResult, reads
 
@@ -41,9 +45,17 @@ class _Support:
                    for v, u in self.numbers)  # fmt: skip
 
 
-@lru_cache(maxsize=2048)
+#: Passages whose support stays cached, least recently used out first.
+GROUNDING_CACHE_SIZE = 2048
+_SUPPORTS: LRU[str, _Support] = LRU(GROUNDING_CACHE_SIZE)  # sha256(passage) -> its support
+
+
 def _support(text: str) -> _Support:
-    """Cached per text: the same passage checked again costs nothing."""
+    """Cached per hash of the text: the same passage checked again costs nothing."""
+    return _SUPPORTS.get_or_add(sha256_text(text), lambda: _support_of(text))
+
+
+def _support_of(text: str) -> _Support:
     return _Support(
         frozenset(t.stem for t in content_words(text)),
         tuple((n.value, n.unit) for n in numbers(text)),
@@ -143,4 +155,4 @@ def grounding(inp: CheckInput) -> DetectorResult:
     return DetectorResult(NAME, score, evidence, _merge(spans, answer))
 
 
-grounding.clear_cache = _support.cache_clear  # type: ignore[attr-defined]  # forget cached passages (cold start)
+grounding.clear_cache = lambda: _SUPPORTS.clear()  # type: ignore[attr-defined]  # forget cached passages (cold start)
