@@ -92,7 +92,7 @@ def test_production_refuses_default_secret(tmp_path, monkeypatch):
     with pytest.raises(SettingsError, match="secret_key"):
         load_settings(write(tmp_path, "environment: production\n"))
     monkeypatch.setenv("TUNEGATE_SECRET_KEY", "a-real-secret-value")
-    assert load_settings(write(tmp_path, "environment: production\n")).secret_key != DEFAULT_SECRET
+    assert load_settings(write(tmp_path, "environment: production\n")).secret_key.get_secret_value() != DEFAULT_SECRET
 
 
 def test_settings_type_is_the_single_source(tmp_path):

@@ -18,6 +18,7 @@ import re
 
 import httpx
 
+from core.settings import mask_url
 from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
 NAME = "judge"
@@ -117,7 +118,9 @@ class JudgeDetector:
         except httpx.TimeoutException as err:
             return DetectorResult.unknown(NAME, f"judge timed out: {type(err).__name__}")
         except httpx.HTTPError as err:
-            return DetectorResult.unknown(NAME, f"judge unreachable: {type(err).__name__}: {err}")
+            # httpx's message names the URL, which may carry the judge's credentials
+            reason = mask_url(str(err), hide_path=True)
+            return DetectorResult.unknown(NAME, f"judge unreachable: {type(err).__name__}: {reason}")
         if response.status_code != 200:
             return DetectorResult.unknown(NAME, f"judge answered HTTP {response.status_code}: {response.text[:200]}")
         try:
