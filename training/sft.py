@@ -8,7 +8,13 @@ registry with a manifest (base model hash, dataset hash, config hash, seed, metr
 Multi-GPU: run the same command under `accelerate launch` or `torchrun`
 (`deploy/accelerate/fsdp.yaml`); nothing here assumes one process.
 
-Imports torch, transformers, peft, trl, datasets and `training` / `tunegate` modules.
+The fast path (`training.fastpath`): on a CUDA GPU the loss is computed from hidden states by a
+fused or chunked linear cross-entropy, adapters are bf16, AdamW is fused, rows are packed without
+padding where the attention kernel allows, and activations are recomputed only when memory asks;
+each is a `TrainConfig` switch whose `auto` resolves to the previous behaviour on a CPU.
+`build_trainer` is the training step that `bench/gpu_train.py` measures.
+
+Imports torch, transformers, peft, trl, datasets (lazily) and `training` modules.
 """
 
 from __future__ import annotations
@@ -21,15 +27,15 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
-from training.base_model import model_hash
-from training.curation import dataset_hash
-from training.registry import AdapterRegistry, Manifest
+if TYPE_CHECKING:  # imported where used: the training step runs without curation's and the registry's deps
+    from training.registry import AdapterRegistry, Manifest
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PACKED = ("flash_attention_2", "flex_attention")  # attention kernels that keep padding-free packed rows apart
 
 
 class TrainingError(Exception):
@@ -70,9 +76,59 @@ class TrainConfig:
         default=3,
         metadata={"help": "Evaluations without a better validation loss before stopping; 0 disables."},
     )
-    gradient_checkpointing: bool = field(
-        default=False,
-        metadata={"help": "Recompute activations in the backward pass: less memory, more compute."},
+    gradient_checkpointing: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "help": "Recompute activations in the backward pass: less memory, one more forward pass per step. "
+            "`auto`: on a CUDA GPU when the weights plus a batch's estimated activations exceed 90% of its "
+            "memory; off on a CPU."
+        },
+    )
+    loss: Literal["auto", "liger", "chunked", "trl"] = field(
+        default="auto",
+        metadata={
+            "help": "Loss kernel. `liger`: Liger Kernel's fused linear cross-entropy (CUDA, `pip install "
+            "liger-kernel`); `chunked`: tunegate's pure-torch chunked one (any device); both compute the loss "
+            "from hidden states so the full-vocabulary logits never exist at once. `trl`: SFTTrainer's own. "
+            "`auto`: `liger` on CUDA when installed, else `chunked` on CUDA; `trl` on a CPU and for `prefix`."
+        },
+    )
+    loss_chunk_tokens: int = field(
+        default=1024,
+        metadata={"help": "Tokens per chunk of the `chunked` loss: one (chunk, vocabulary) fp32 block at a time."},
+    )
+    liger_layers: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "help": "Liger Kernel's RMSNorm, RoPE and SwiGLU kernels (CUDA, supported model types). "
+            "`auto`: on when `liger-kernel` is installed and there is a CUDA GPU."
+        },
+    )
+    padding_free: bool | Literal["auto"] = field(
+        default="auto",
+        metadata={
+            "help": "Pack variable-length rows without padding (best-fit into `max_length`-token rows); needs "
+            "attention that keeps packed rows apart (`flash_attention_2`, `flex_attention`). `auto`: on when "
+            "`attn_implementation` resolves to one of them."
+        },
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = field(
+        default="auto",
+        metadata={
+            "help": "Attention kernel. `auto`: `flash_attention_2` on CUDA when `flash-attn` is installed, "
+            "else transformers' default (`sdpa`)."
+        },
+    )
+    adapter_dtype: Literal["auto", "bfloat16", "float32"] = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the LoRA weights and their optimizer state. `auto`: `bfloat16` on CUDA (no fp32 "
+            "copies of activations on the adapter path), `float32` on a CPU."
+        },
+    )
+    optimizer: Literal["adamw_torch_fused", "adamw_torch"] = field(
+        default="adamw_torch_fused",
+        metadata={"help": "AdamW kernel: `adamw_torch_fused` (one fused kernel per step) or `adamw_torch`."},
     )
     max_length: int = field(default=256, metadata={"help": "Longest tokenized example kept (tokens)."})
     seed: int = field(default=0, metadata={"help": "Seed of initialisation, dropout and data order."})
@@ -99,6 +155,35 @@ class TrainConfig:
             raise ValueError("`target_modules` is empty; name the linear layers to adapt, e.g. q_proj, v_proj")
         if not self.name or "/" in self.name:
             raise ValueError(f"`name` {self.name!r} must be a non-empty name without `/`")
+        self._check_fast_path()
+
+    def _check_fast_path(self) -> None:
+        for key in ("gradient_checkpointing", "liger_layers", "padding_free"):
+            if not (getattr(self, key) is True or getattr(self, key) is False or getattr(self, key) == "auto"):
+                raise ValueError(f"`{key}` is {getattr(self, key)!r}; use true, false or auto")
+        choices = {
+            "loss": ("auto", "liger", "chunked", "trl"),
+            "attn_implementation": ("auto", "sdpa", "eager", "flash_attention_2", "flex_attention"),
+            "adapter_dtype": ("auto", "bfloat16", "float32"),
+            "optimizer": ("adamw_torch_fused", "adamw_torch"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                names = [f"`{a}`" for a in allowed]
+                raise ValueError(f"`{key}` is {getattr(self, key)!r}; use {', '.join(names[:-1])} or {names[-1]}")
+        if type(self.loss_chunk_tokens) is not int or self.loss_chunk_tokens < 1:
+            raise ValueError(
+                f"`loss_chunk_tokens` is {self.loss_chunk_tokens!r}; use a positive number of tokens such as 1024"
+            )
+        if self.method == "prefix" and self.loss in ("liger", "chunked"):
+            raise ValueError(
+                f"`loss` is `{self.loss}`, which needs a LoRA model; with `method: prefix` use `loss: trl` or `auto`"
+            )
+        if self.padding_free is True and (self.method == "prefix" or self.attn_implementation not in PACKED):
+            raise ValueError(
+                "`padding_free` is true, which needs `method: lora` or `qlora` and attention that keeps packed rows "
+                "apart: set `attn_implementation: flash_attention_2` or `flex_attention`, or `padding_free: auto`"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -126,6 +211,15 @@ class TrainConfig:
             if data.get(key) and not Path(data[key]).is_absolute():
                 data[key] = str(base / data[key])
         return cls.from_dict(data)
+
+    def save(self, path: Path) -> Path:
+        """Write the config as YAML that `from_yaml` reads back equal (paths are written absolute)."""
+        data = self.to_dict()
+        for key in ("train_file", "validation_file", "run_dir"):
+            if data.get(key):
+                data[key] = str(Path(data[key]).resolve())
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+        return Path(path)
 
     def config_hash(self) -> str:
         recipe = {k: v for k, v in self.to_dict().items() if k not in ("run_dir", "publish", "parent_version")}
@@ -191,10 +285,11 @@ def peft_config(config: TrainConfig):
     )
 
 
-def load_base(path: Path, method: str):
+def load_base(path: Path, method: str, attn_implementation: str | None = None):
     import torch
     from transformers import AutoModelForCausalLM
 
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -202,9 +297,90 @@ def load_base(path: Path, method: str):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
             bnb_4bit_use_double_quant=True,
         )  # fmt: skip
-        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0})
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, device_map={"": 0}, **attn)
     dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attn)
+
+
+def prepare_model(base, config: TrainConfig, fast):
+    """The base model with Liger's layer kernels (when chosen) and the peft adapter in `fast.adapter_dtype`."""
+    from peft import get_peft_model
+
+    from training.fastpath import apply_liger_layers, set_adapter_dtype
+
+    if fast.liger_layers:
+        apply_liger_layers(base)
+    # peft's default upcasts adapters to fp32; with bf16 adapters they stay in the base model's dtype.
+    model = get_peft_model(base, peft_config(config), autocast_adapter_dtype=fast.adapter_dtype == "float32")
+    if config.method != "prefix":
+        set_adapter_dtype(model, fast.adapter_dtype)
+    return model
+
+
+def sft_args(
+    config: TrainConfig, fast, output_dir: Path, use_eval: bool = False, progress: bool = True, **overrides
+):  # fmt: skip
+    """TRL's `SFTConfig` for `config` as resolved in `fast` (`fast.gradient_checkpointing` settled);
+    `overrides` replace single arguments (the benchmark logs every step and saves nothing)."""
+    from trl import SFTConfig
+
+    cuda = fast.device == "cuda"
+    args = dict(
+        output_dir=str(output_dir),
+        max_steps=config.max_steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, int(config.warmup_ratio * config.max_steps)),
+        weight_decay=0.0,
+        optim=fast.optimizer,
+        logging_steps=config.eval_steps,
+        eval_strategy="steps" if use_eval else "no",
+        eval_steps=config.eval_steps if use_eval else None,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=use_eval,
+        metric_for_best_model="eval_loss" if use_eval else None,
+        greater_is_better=False if use_eval else None,
+        # The fast loss needs no logits at evaluation either (no metrics are computed from them).
+        prediction_loss_only=fast.loss != "trl",
+        completion_only_loss=True,
+        max_length=config.max_length,
+        packing=fast.padding_free,
+        packing_strategy="bfd",
+        padding_free=fast.padding_free,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        disable_tqdm=not progress,
+        use_cpu=not cuda,
+        bf16=cuda,
+        dataloader_num_workers=0,
+        gradient_checkpointing=bool(fast.gradient_checkpointing),
+        dataset_num_proc=None,
+    )
+    return SFTConfig(**(args | overrides))
+
+
+def build_trainer(
+    config: TrainConfig, fast, model, tokenizer, train_ds, eval_ds=None, output_dir: Path | None = None,
+    progress: bool = True, callbacks=(), **overrides,
+):  # fmt: skip
+    """The training step of `tunegate train`: TRL's SFTTrainer with the fast path `fast` resolved for `model`.
+
+    `model` comes from `prepare_model`. `bench/gpu_train.py` times exactly this trainer.
+    """
+    from training.fastpath import FastSFTTrainer, settle_checkpointing
+
+    fast = settle_checkpointing(fast, model, config.batch_size * config.max_length)
+    args = sft_args(config, fast, output_dir or Path("checkpoints"), eval_ds is not None, progress, **overrides)
+    return FastSFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        callbacks=list(callbacks), fast=fast,
+    )  # fmt: skip
 
 
 def train_adapter(
@@ -215,12 +391,13 @@ def train_adapter(
     progress=True,
 ) -> TrainResult:
     """Train one adapter as `config` says; resume its run if it was interrupted; publish it."""
-    import torch
     from datasets import Dataset
-    from peft import get_peft_model
     from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
     from transformers.trainer_utils import get_last_checkpoint
-    from trl import SFTConfig, SFTTrainer
+
+    from training.base_model import model_hash
+    from training.curation import dataset_hash
+    from training.registry import Manifest
 
     if config.method == "qlora":
         _check_qlora()
@@ -229,6 +406,12 @@ def train_adapter(
             raise TrainingError(
                 f"`{'train_file' if path == config.train_file else 'validation_file'}` {path} does not exist"
             )
+    from training.fastpath import FastPathError, resolve_fast_path
+
+    try:
+        fast = resolve_fast_path(config)
+    except FastPathError as err:
+        raise TrainingError(str(err)) from err
     set_seed(config.seed)
     # Named by recipe and data: the same command after a kill resumes; new data at the same path does not.
     data_hash = dataset_hash(config.train_file)[:8]
@@ -238,51 +421,18 @@ def train_adapter(
     (run_dir / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2))
 
     tokenizer = AutoTokenizer.from_pretrained(base_path)
-    model = get_peft_model(load_base(base_path, config.method), peft_config(config))
+    model = prepare_model(load_base(base_path, config.method, fast.attn_implementation), config, fast)
     trainable, total = model.get_nb_trainable_parameters()
     print(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})", file=sys.stderr, flush=True)
 
     train_ds = Dataset.from_list(read_chat_rows(config.train_file))
     eval_ds = Dataset.from_list(read_chat_rows(config.validation_file)) if config.validation_file else None
     use_eval = eval_ds is not None
-    args = SFTConfig(
-        output_dir=str(checkpoints),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        per_device_eval_batch_size=config.batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        learning_rate=config.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=max(1, int(config.warmup_ratio * config.max_steps)),
-        weight_decay=0.0,
-        logging_steps=config.eval_steps,
-        eval_strategy="steps" if use_eval else "no",
-        eval_steps=config.eval_steps if use_eval else None,
-        save_strategy="steps",
-        save_steps=config.eval_steps,
-        save_total_limit=2,
-        load_best_model_at_end=use_eval,
-        metric_for_best_model="eval_loss" if use_eval else None,
-        greater_is_better=False if use_eval else None,
-        completion_only_loss=True,
-        max_length=config.max_length,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to=[],
-        disable_tqdm=not progress,
-        use_cpu=not torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),
-        dataloader_num_workers=0,
-        gradient_checkpointing=config.gradient_checkpointing,
-        dataset_num_proc=None,
-    )
     callbacks = []
     if use_eval and config.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
-    trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-        processing_class=tokenizer, callbacks=callbacks,
-    )  # fmt: skip
+    trainer = build_trainer(config, fast, model, tokenizer, train_ds, eval_ds, checkpoints, progress, callbacks)
+    print(f"fast path: {json.dumps(trainer.fast.describe())}", file=sys.stderr, flush=True)
     last = get_last_checkpoint(str(checkpoints)) if any(checkpoints.iterdir()) else None
     if last:
         print(f"resuming from {last}", file=sys.stderr, flush=True)
