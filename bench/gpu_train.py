@@ -1,35 +1,44 @@
-"""Training speed of tunegate's LoRA path on one accelerator: tokens/s, peak memory and MFU, as JSON.
+"""Training speed of `tunegate train`'s own step beside plain TRL + peft, on one accelerator, in one run.
 
-Self-contained on purpose (torch, transformers, peft, bitsandbytes only): the GPU machine has no
-package registry and none of tunegate's dependencies. Random weights in the shape of Llama-3-8B,
-LoRA r=16 on all seven linear kinds, sequence 2048, AdamW, SDPA attention; three settings:
+Both sides train the same random-weight model (Llama-3-8B's shape by default: vocabulary 128256,
+32 layers, GQA 32/8), on the same random token rows (sequence 2048, no padding), with the same
+batch, LoRA (r=16, alpha 32, all seven linear kinds), bf16 mixed precision, learning-rate schedule
+and optimizer class (fused AdamW on CUDA), for `lora` (bf16 base) and `qlora` (NF4 base):
 
-    lora  bf16, batch 2, no activation checkpointing
-    lora  bf16, batch 8, activation checkpointing
-    qlora nf4,  batch 8, activation checkpointing
+    plain     TRL's `SFTTrainer(model, peft_config=LoraConfig(...))` with its own defaults
+              (its chunked log-prob LM head, fp32 adapters, gradient checkpointing on)
+    tunegate  `training.sft.prepare_model` + `training.sft.build_trainer`: the trainer that
+              `tunegate train` runs, with every fast-path switch at `auto` (imported, not copied)
 
-each with `--impl baseline` (plain transformers + peft: the model computes full logits and the
-loss) and `--impl tunegate`, which differs where the memory and time go in LoRA training of a
-large-vocabulary model:
-  * the loss is computed from hidden states in chunks, each chunk's logits recomputed in the
-    backward pass, so the (batch, seq, 128256) fp32 logits and their gradient never exist at once;
-  * frozen base weights never get gradients, and the LoRA matrices are kept in the compute dtype
-    (bf16) so no fp32 copies of the activations are made on the adapter path;
-  * the optimizer is the fused AdamW kernel over the adapter weights only.
+It prints one JSON object: per setting and side tokens/s, peak GiB, MFU, the per-step losses,
+the fast-path choices, and `speedup`, `memory_ratio` and whether the losses agree over the
+steps; `--plot` writes a PNG of the same. On CUDA each run is a fresh process (Liger's kernels
+patch transformers' Llama module for the whole process; peak memory counts one run only).
 
-    python bench/gpu_train.py                        # the full comparison on a GPU (< 5 minutes)
-    python bench/gpu_train.py --shape tiny --steps 2  # the same code on a CPU in seconds (tests)
+    python -m bench.gpu_train --out r.json --plot r.png   # on a GPU (bench/gpu_all.sh DIR does it all)
+    python -m bench.gpu_train --shape tiny --steps 2       # the same code on a CPU in seconds (tests)
+
+On a CPU the `auto` loss is SFTTrainer's own, so the tiny run asks for tunegate's `chunked` loss;
+`--set KEY=VALUE` sets any other fast-path switch of tunegate's side (ablations).
+MFU counts 4 FLOPs per weight per token (forward, and the backward to the activations: the base
+is frozen) plus attention, against the GPU's dense bf16 peak from its datasheet (`--peak-tflops`);
+recomputation under gradient checkpointing is not counted as useful work.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+import yaml
 
 SHAPES = {
     "llama3-8b": dict(
@@ -41,188 +50,331 @@ SHAPES = {
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
     ),
 }  # fmt: skip
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Measured on one H200, transformers 5.17 + peft 0.21, SDPA, AdamW (the issue's baseline).
-REFERENCE = {
-    "lora_b2_nockpt": {"tokens_per_s": 8920, "peak_gib": 57.4},
-    "lora_b8_ckpt": {"tokens_per_s": 6607, "peak_gib": 43.2},
-    "qlora_b8_ckpt": {"tokens_per_s": 6542, "peak_gib": 33.6},
-}
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
-LOSS_CHUNK = 1024  # tokens per loss chunk: (chunk, vocab) fp32 logits = 0.5 GB for Llama-3's vocabulary
+DEFAULT_SEQ = {"llama3-8b": 2048, "tiny": 64}
+# Dense bf16 peak of the GPU (vendor datasheet, TFLOP/s): hardware, not anyone's measurement.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0}
+TARGET_SPEEDUP, TARGET_MEMORY = 1.5, 0.5  # the issue's targets: >= 1.5x plain's tokens/s at <= half its peak
+LOSS_RTOL = 0.02  # both sides' per-step losses must agree within 2% (bf16 vs fp32 adapters, other kernels)
+REPO = Path(__file__).resolve().parent.parent
+FAST_SWITCHES = (
+    "loss", "loss_chunk_tokens", "liger_layers", "padding_free", "attn_implementation", "adapter_dtype",
+    "optimizer", "gradient_checkpointing",
+)  # fmt: skip
 
 
-def _quantize_nf4(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Swap every decoder linear layer for a bitsandbytes NF4 one (random weights need no checkpoint)."""
+def tiny_tokenizer():
+    """A tokenizer for pre-tokenized rows: SFTTrainer needs one for its pad and EOS tokens only."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+    )  # fmt: skip
+
+
+def token_rows(vocab: int, seq: int, rows: int, seed: int = 0):
+    from datasets import Dataset
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, seq), generator=gen)
+    return Dataset.from_dict({"input_ids": ids.tolist()})
+
+
+def quantize_nf4(model, dtype) -> None:
+    """Swap the decoder's linear layers for bitsandbytes NF4 ones, as `load_base(..., "qlora")` loads them
+    (NF4, double quantization, bf16 compute); random weights have no checkpoint to load from."""
     import bitsandbytes as bnb
 
-    for parent in list(model.modules()):
+    from training.sft import ALL_LINEAR
+
+    for parent in list(model.model.layers.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, torch.nn.Linear) and name in ALL_LINEAR:
                 q = bnb.nn.Linear4bit(
-                    child.in_features,
-                    child.out_features,
-                    bias=False,
-                    compute_dtype=dtype,
-                    quant_type="nf4",
-                    compress_statistics=True,
-                )
+                    child.in_features, child.out_features, bias=False, compute_dtype=dtype,
+                    quant_type="nf4", compress_statistics=True, device="meta",
+                )  # fmt: skip
                 q.weight = bnb.nn.Params4bit(
-                    child.weight.data.cpu(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                    child.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, module=q
                 )
-                setattr(parent, name, q.to(child.weight.device))
+                setattr(parent, name, q.to(child.weight.device))  # quantizes on the GPU
+    # As `from_pretrained(..., quantization_config=..., device_map={"": 0})` leaves it: TRL and peft
+    # treat the model as QLoRA, and the trainer does not move it.
+    model.is_loaded_in_4bit = True
+    model.hf_device_map = {"": 0}
     torch.cuda.empty_cache()
 
 
-def build(shape: str, quant: str, device: str, dtype: torch.dtype, impl: str):
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_model(shape: str, method: str, cuda: bool, attn: str | None = None):
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**SHAPES[shape], attn_implementation="sdpa", tie_word_embeddings=False)
+    kwargs = {"attn_implementation": attn} if attn else {}
+    config = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, **kwargs)
+    dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
-    if quant == "nf4":
-        _quantize_nf4(model, dtype)
-    model.requires_grad_(False)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=ALL_LINEAR, bias="none")
-    model = get_peft_model(model, lora)
-    for p in model.parameters():
-        if p.requires_grad:
-            # baseline: peft's default fp32 adapters; tunegate: adapters in the compute dtype
-            p.data = p.data.to(torch.float32 if impl == "baseline" else dtype)
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if method == "qlora":
+        quantize_nf4(model, dtype)
     return model
 
 
-def chunked_lm_loss(hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy without materialising all logits: each chunk is recomputed in backward."""
-    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # (batch*(seq-1), hidden)
-    targets = labels[:, 1:].reshape(-1)
-    n_valid = (targets != -100).sum().clamp(min=1)
-
-    def chunk_loss(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(lm_head(h).float(), t, ignore_index=-100, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], LOSS_CHUNK):
-        h, t = hidden[start : start + LOSS_CHUNK], targets[start : start + LOSS_CHUNK]
-        total = total + checkpoint(chunk_loss, h, t, use_reentrant=False)
-    return total / n_valid
+def model_flops_per_token(cfg, seq: int) -> float:
+    """Useful FLOPs per trained token: 4 per linear weight (forward, backward to activations) + attention."""
+    h, i, layers, vocab = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    kv = h * cfg.num_key_value_heads // cfg.num_attention_heads
+    linear = layers * (h * (h + 2 * kv) + h * h + 3 * h * i) + h * vocab
+    return 4 * linear + 12 * layers * h * seq  # attention: QK^T and AV, forward and backward (PaLM's count)
 
 
-def step_fn(model, impl: str):
-    inner = model.get_base_model()  # LlamaForCausalLM with LoRA layers injected
+def step_timer(warmup: int, cuda: bool):
+    from transformers import TrainerCallback
 
-    def step(input_ids: torch.Tensor) -> torch.Tensor:
-        if impl == "baseline":
-            return model(input_ids=input_ids, labels=input_ids).loss
-        hidden = inner.model(input_ids=input_ids).last_hidden_state  # (batch, seq, hidden)
-        return chunked_lm_loss(hidden, inner.lm_head, input_ids)
+    class StepTimer(TrainerCallback):
+        """Wall time of the steps after `warmup`, peak memory from the start of training, per-step losses."""
 
-    return step
+        def __init__(self):
+            self.start = self.end = None
+            self.losses: list[float] = []
+
+        def _now(self) -> float:
+            if cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == warmup:
+                self.start = self._now()
+            if state.global_step == state.max_steps:
+                self.end = self._now()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    return StepTimer()
 
 
-def flops_per_token(model, seq: int) -> float:
-    """Model FLOPs per trained token: forward 2N + attention, backward for activations only (frozen base)."""
-    cfg = model.get_base_model().config
-    n_params = sum(p.numel() for p in model.parameters())
-    attention = 4 * cfg.num_hidden_layers * seq * cfg.hidden_size  # QK^T and AV, forward
-    forward = 2 * n_params + attention
-    return 2 * forward  # backward to the activations costs about one forward; no frozen weight grads
+def run_one(side: str, method: str, opts: dict) -> dict:
+    """One training run of `side` ("plain" or "tunegate"): build, train warmup + steps, measure."""
+    from trl import SFTConfig, SFTTrainer
 
+    from training.fastpath import resolve_fast_path, settle_checkpointing
+    from training.sft import TrainConfig, build_trainer, peft_config, prepare_model
 
-def run_one(shape, quant, batch, ckpt, impl, seq, steps, warmup, device) -> dict:
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model = build(shape, quant, device, dtype, impl)
-    if ckpt:
-        model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=(device == "cuda" and impl == "tunegate"))
-    step = step_fn(model, impl)
-    vocab = SHAPES[shape]["vocab_size"]
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
-
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for _ in range(warmup):
-        step(input_ids).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = step(input_ids)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    sync()
-    seconds = time.perf_counter() - start
+    cuda = torch.cuda.is_available()
+    shape, batch, seq, steps, warmup = opts["shape"], opts["batch"], opts["seq"], opts["steps"], opts["warmup"]
+    config = TrainConfig(
+        name="bench", train_file=Path("random-tokens"), method=method, r=16, lora_alpha=32, lora_dropout=0.0,
+        batch_size=batch, max_length=seq, max_steps=warmup + steps, learning_rate=opts["lr"], warmup_ratio=0.0,
+        **opts["switches"],
+    )  # fmt: skip
+    fast = resolve_fast_path(config)
+    model = random_model(shape, method, cuda, fast.attn_implementation if side == "tunegate" else None)
+    data = token_rows(SHAPES[shape]["vocab_size"], seq, batch * (warmup + steps))
+    timer = step_timer(warmup, cuda)
+    out = tempfile.mkdtemp(prefix=f"gpu-train-{side}-")
+    common = dict(logging_steps=1, save_strategy="no", disable_tqdm=True)
+    if side == "tunegate":
+        trainer = build_trainer(
+            config, fast, prepare_model(model, config, fast), tiny_tokenizer(), data, output_dir=Path(out),
+            progress=False, callbacks=[timer], **common,
+        )  # fmt: skip
+        checkpointing, described = trainer.fast.gradient_checkpointing, trainer.fast.describe()
+    else:
+        checkpointing = True  # TRL's own default
+        if opts["baseline_checkpointing"] == "same":
+            checkpointing = bool(settle_checkpointing(fast, model, batch * seq).gradient_checkpointing)
+        args = SFTConfig(
+            output_dir=out, max_steps=config.max_steps, per_device_train_batch_size=batch,
+            learning_rate=config.learning_rate, lr_scheduler_type="cosine", warmup_steps=1, weight_decay=0.0,
+            optim=fast.optimizer, bf16=cuda, use_cpu=not cuda, max_length=seq, seed=0, data_seed=0,
+            report_to=[], dataloader_num_workers=0, gradient_checkpointing=checkpointing, **common,
+        )  # fmt: skip
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=data, processing_class=tiny_tokenizer(),
+            peft_config=peft_config(config), callbacks=[timer],
+        )  # fmt: skip
+        described = None
+    trainer.train()
+    seconds = timer.end - timer.start
     tokens_per_s = batch * seq * steps / seconds
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    peak_flops = None
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak_flops = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-    mfu = flops_per_token(model, seq) * tokens_per_s / peak_flops if peak_flops else None
-    trainable = sum(p.numel() for p in params)
     result = {
-        "impl": impl, "quant": quant, "batch": batch, "checkpointing": ckpt, "seq": seq,
-        "tokens_per_s": round(tokens_per_s, 1), "peak_gib": round(peak, 2) if peak is not None else None,
-        "mfu": round(mfu, 4) if mfu is not None else None, "loss": round(float(loss.detach()), 4),
-        "trainable_params": trainable,
-    }  # fmt: skip
-    del model, optimizer, loss
-    if device == "cuda":
-        torch.cuda.empty_cache()
+        "tokens_per_s": round(tokens_per_s, 1),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
+        "mfu": None,
+        "seconds_per_step": round(seconds / steps, 4),
+        "losses": timer.losses,
+        "batch": batch,
+        "seq": seq,
+        "gradient_checkpointing": bool(checkpointing),
+        "adapter_dtype": str(next(p.dtype for p in trainer.model.parameters() if p.requires_grad)),
+        "trainable_params": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+    }
+    peak = opts.get("peak_tflops")
+    if peak:
+        result["mfu"] = round(model_flops_per_token(model.config, seq) * tokens_per_s / (peak * 1e12), 4)
+    if described:
+        result["fast_path"] = described
     return result
+
+
+def _isolated(side: str, method: str, opts: dict) -> dict:
+    """`run_one` in a fresh Python process; its result comes back through a file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "result.json"
+        spec = json.dumps({"side": side, "method": method, "opts": opts, "result": str(path)})
+        env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.gpu_train", "--one", spec], cwd=REPO, env=env, stdout=sys.stderr
+        )
+        if proc.returncode != 0 or not path.exists():
+            return {"error": f"run exited with {proc.returncode}; its log is above on stderr"}
+        return json.loads(path.read_text())
+
+
+def compare(plain: dict, ours: dict) -> dict:
+    """Speed-up, memory ratio and loss agreement of one setting."""
+    pairs = list(zip(plain["losses"], ours["losses"], strict=False))
+    diffs = [abs(a - b) / max(abs(a), 1e-6) for a, b in pairs]
+    summary = {
+        "speedup": round(ours["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "memory_ratio": round(ours["peak_gib"] / plain["peak_gib"], 3) if plain["peak_gib"] else None,
+        "losses_compared": len(pairs),
+        "max_loss_rel_diff": round(max(diffs), 6) if diffs else None,
+        "losses_agree": bool(pairs) and max(diffs) <= LOSS_RTOL,
+    }
+    if summary["memory_ratio"] is not None:  # on a GPU; CPU timings say nothing about the targets
+        summary["meets_speed_target"] = summary["speedup"] >= TARGET_SPEEDUP
+        summary["meets_memory_target"] = summary["memory_ratio"] <= TARGET_MEMORY
+    return summary
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = [s for s, r in results["runs"].items() if "plain" in r and "tunegate" in r]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    width = 0.38
+    for ax, key, label in ((axes[0], "tokens_per_s", "tokens/s"), (axes[1], "peak_gib", "peak GiB")):
+        for k, side in enumerate(("plain", "tunegate")):
+            values = [results["runs"][s][side].get(key) or 0 for s in settings]
+            ax.bar([x + (k - 0.5) * width for x in range(len(settings))], values, width, label=side)
+        ax.set_xticks(range(len(settings)), settings)
+        ax.set_title(label if results["device"] != "cpu" or key != "peak_gib" else f"{label} (CUDA only)")
+        ax.legend()
+    for s in settings:
+        for side, style in (("plain", "-"), ("tunegate", "--")):
+            losses = results["runs"][s][side]["losses"]
+            axes[2].plot(range(1, len(losses) + 1), losses, style, label=f"{s} {side}")
+    axes[2].set_title("training loss per step")
+    axes[2].set_xlabel("step")
+    axes[2].legend()
+    fig.suptitle(f"tunegate train vs plain TRL + peft: {results['shape']}, seq {results['seq']}, {results['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("torch", "transformers", "trl", "peft", "liger-kernel", "bitsandbytes", "flash-attn"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=4, help="Timed steps per setting.")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--impl", choices=["baseline", "tunegate", "both"], default="both")
-    parser.add_argument("--settings", default="lora_b2_nockpt,lora_b8_ckpt,qlora_b8_ckpt")
-    parser.add_argument("--out", help="Also write the JSON to this file.")
+    parser.add_argument("--seq", type=int, help="Tokens per row (default: 2048; 64 for `tiny`).")
+    parser.add_argument("--batch", type=int, default=8, help="Rows per step, both sides.")
+    parser.add_argument("--steps", type=int, default=6, help="Timed steps per run.")
+    parser.add_argument("--warmup", type=int, default=2, help="Untimed steps first (kernel autotuning, caches).")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--settings", default="lora,qlora", help="Comma-separated: lora, qlora.")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="A tunegate `TrainConfig` fast-path switch, e.g. `--set liger_layers=false` (repeatable).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline-checkpointing", choices=["trl", "same"], default="trl",
+        help="`trl`: TRL's default (on); `same`: whatever tunegate's `auto` chooses.",
+    )  # fmt: skip
+    parser.add_argument("--peak-tflops", type=float, help="The GPU's dense bf16 peak (default: from its name).")
+    parser.add_argument("--isolate", choices=["auto", "yes", "no"], default="auto", help="A process per run.")
+    parser.add_argument("--out", type=Path, help="Also write the JSON to this file.")
+    parser.add_argument("--plot", type=Path, help="Write the plot (PNG) here.")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one isolated run
     args = parser.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    impls = ["baseline", "tunegate"] if args.impl == "both" else [args.impl]
-    results: dict = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "shape": args.shape,
-        "torch": torch.__version__,
-        "runs": {},
-    }
-    for setting in args.settings.split(","):
-        method, b, ck = setting.split("_")
-        quant = "nf4" if method == "qlora" else "none"
-        if quant == "nf4" and device != "cuda":
-            results["runs"][setting] = {"skipped": "NF4 needs bitsandbytes' CUDA kernels"}
+    if args.one:
+        spec = json.loads(args.one)
+        with contextlib.redirect_stdout(sys.stderr):
+            result = run_one(spec["side"], spec["method"], spec["opts"])
+        Path(spec["result"]).write_text(json.dumps(result))
+        return result
+
+    cuda = torch.cuda.is_available()
+    if args.warmup < 1 or args.steps < 1:
+        parser.error("--warmup and --steps must be at least 1")
+    switches = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in FAST_SWITCHES:
+            parser.error(f"--set {item!r}: use KEY=VALUE with KEY one of {', '.join(FAST_SWITCHES)}")
+        switches[key] = yaml.safe_load(value)
+    if not cuda:  # the CPU's `auto` loss is SFTTrainer's own: ask for tunegate's, so the tiny run exercises it
+        switches.setdefault("loss", "chunked")
+    device = torch.cuda.get_device_name() if cuda else "cpu"
+    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if cuda and k in device), None)
+    opts = {
+        "shape": args.shape, "seq": args.seq or DEFAULT_SEQ[args.shape], "batch": args.batch, "steps": args.steps,
+        "warmup": args.warmup, "lr": args.lr, "switches": switches, "peak_tflops": peak,
+        "baseline_checkpointing": args.baseline_checkpointing,
+    }  # fmt: skip
+    isolate = args.isolate == "yes" or (args.isolate == "auto" and cuda)
+    results: dict = {"device": device, "shape": args.shape, "seq": opts["seq"], "batch": args.batch}
+    results |= {"steps": args.steps, "warmup": args.warmup, "peak_bf16_tflops": peak, "versions": versions()}
+    results["runs"] = {}
+    for method in args.settings.split(","):
+        if method == "qlora" and not cuda:
+            results["runs"][method] = {"skipped": "QLoRA's NF4 kernels (bitsandbytes) need a CUDA GPU"}
             continue
-        batch = int(b.removeprefix("b"))
-        for impl in impls:
-            r = run_one(args.shape, quant, batch, ck == "ckpt", impl, args.seq, args.steps, args.warmup, device)
-            results["runs"].setdefault(setting, {})[impl] = r
-            print(json.dumps({setting: r}), flush=True)
-        ref = REFERENCE.get(setting)
-        ours = results["runs"][setting].get("tunegate")
-        if ref and ours and ours["peak_gib"] is not None and args.shape == "llama3-8b":
-            ours["speedup_vs_reference"] = round(ours["tokens_per_s"] / ref["tokens_per_s"], 3)
-            ours["memory_vs_reference"] = round(ours["peak_gib"] / ref["peak_gib"], 3)
-    print(json.dumps(results))
+        runs: dict = {}
+        for side in ("plain", "tunegate"):
+            try:
+                if isolate:
+                    runs[side] = _isolated(side, method, opts)
+                else:
+                    with contextlib.redirect_stdout(sys.stderr):
+                        runs[side] = run_one(side, method, opts)
+            except Exception as err:  # one failed run must not hide the others' numbers
+                runs[side] = {"error": f"{type(err).__name__}: {err}"}
+            print(json.dumps({method: {side: runs[side]}}), file=sys.stderr, flush=True)
+        if all("tokens_per_s" in runs[side] for side in runs):
+            runs |= compare(runs["plain"], runs["tunegate"])
+        results["runs"][method] = runs
+        if args.out:  # what is done so far survives a run cut short
+            args.out.write_text(json.dumps(results, indent=2))
+    if args.plot:
+        results["plot"] = str(plot(results, args.plot))
+    print(json.dumps(results), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+        args.out.write_text(json.dumps(results, indent=2))
     return results
 
 
