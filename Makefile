@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup test test-fast demo lint clean services bench-deps
+.PHONY: setup test test-fast demo lint clean services bench-deps gpu-wheels
 
 setup: $(STAMP) services
 
@@ -50,3 +50,21 @@ lint: setup
 
 clean:
 	rm -rf var .pytest_cache
+
+# Wheels that `bench/gpu_all.sh` installs offline on a GPU machine that has torch, transformers and
+# peft (CPython $(GPU_PYTHON), x86-64) but no TRL: TRL and datasets at this venv's versions with the two
+# small deps the GPU image lacks, Liger Kernel and bitsandbytes. --no-deps: the image has the rest.
+# They travel with the working tree to the GPU box, so they must stay under 64 MiB in all.
+GPU_WHEELS := .gpu-wheels
+GPU_PYTHON ?= 3.12
+GPU_PINS = $(shell $(PY) -c 'from importlib.metadata import version as v; print(*(f"{n}=={v(n)}" for n in ("trl", "datasets", "dill", "multiprocess")))') liger-kernel==0.8.5 bitsandbytes==0.50.2
+gpu-wheels:
+	@test -x $(PY) || { echo "no $(PY): run \`make setup\` first (the pins are this venv's versions)" >&2; exit 1; }
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PIP) download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(GPU_WHEELS) $(GPU_PINS)
+	@ls -1 $(GPU_WHEELS)
+	@bytes=$$(du -sb $(GPU_WHEELS) | cut -f1); mib=$$(( (bytes + 1048575) / 1048576 )); \
+		echo "$(GPU_WHEELS): $$bytes bytes ($$mib MiB) of wheels; the limit is 64 MiB"; \
+		test $$bytes -le $$(( 64 * 1048576 )) || { echo "$(GPU_WHEELS) is over 64 MiB" >&2; exit 1; }
