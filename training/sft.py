@@ -423,7 +423,9 @@ def train_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     model = prepare_model(load_base(base_path, config.method, fast.attn_implementation), config, fast)
     trainable, total = model.get_nb_trainable_parameters()
-    print(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})", file=sys.stderr, flush=True)
+    # `progress=False` is a caller that tells its own story (the demo): no bar, no log lines from here.
+    say = (lambda line: print(line, file=sys.stderr, flush=True)) if progress else (lambda line: None)
+    say(f"trainable params: {trainable:,} of {total:,} ({trainable / total:.4%})")
 
     train_ds = Dataset.from_list(read_chat_rows(config.train_file))
     eval_ds = Dataset.from_list(read_chat_rows(config.validation_file)) if config.validation_file else None
@@ -432,10 +434,14 @@ def train_adapter(
     if use_eval and config.early_stopping_patience > 0:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=config.early_stopping_patience))
     trainer = build_trainer(config, fast, model, tokenizer, train_ds, eval_ds, checkpoints, progress, callbacks)
-    print(f"fast path: {json.dumps(trainer.fast.describe())}", file=sys.stderr, flush=True)
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # without a bar, the trainer prints every log as a dict
+    say(f"fast path: {json.dumps(trainer.fast.describe())}")
     last = get_last_checkpoint(str(checkpoints)) if any(checkpoints.iterdir()) else None
     if last:
-        print(f"resuming from {last}", file=sys.stderr, flush=True)
+        say(f"resuming from {last}")
     # The trainer prints its logs on stdout; stdout is for results (`--json`), so they go to stderr.
     with contextlib.redirect_stdout(sys.stderr):
         output = trainer.train(resume_from_checkpoint=last)
