@@ -259,9 +259,11 @@ class Recorder:
 
     async def hold(self, ex: Exchange, reason: ReviewReason) -> str:
         """Store the row with a pending review item (one transaction, before the client hears back)."""
-        row = self.row(ex)
-        ex.review_id = await asyncio.to_thread(lambda: self.review.hold(private(row, self.settings), reason=reason))
+        ex.review_id = await asyncio.to_thread(self._store_with_review, self.row(ex), reason)
         return ex.review_id
+
+    def _store_with_review(self, row: dict[str, Any], reason: ReviewReason) -> str:
+        return self.review.hold(private(row, self.settings), reason=reason)
 
     def begin(self) -> None:
         self.metrics.in_flight.inc()
