@@ -13,10 +13,10 @@ from core.io import free_port
 
 from .conftest import REPO
 
-PROBE = '''
+PROBE = """
 def test_needs_postgres(postgres_database):
     assert postgres_database
-'''
+"""
 
 
 @pytest.mark.parametrize(("ci", "outcome"), [("true", "1 failed"), ("", "1 skipped")])

@@ -1,6 +1,6 @@
 """The database layer: the schema (`models`), engines and sessions (`session`), migrations
-(`migrate`, with the Alembic scripts in `core/migrations`), and the jobs queue that carries work
-between processes (`jobs`).
+(`migrate`, with the Alembic scripts in `core/migrations`), the jobs queue that carries work
+between processes (`jobs`), and the one lease claim that jobs and review items share (`leases`).
 
 It imports nothing of ours except `core.settings` (only `core/migrations/env.py` does, for the
 default database URL of the `alembic` command line), so every other package may depend on it.
