@@ -150,6 +150,7 @@ class ReviewSettings(_Section):
     sample_rate: float = Field(0.02, ge=0, le=1, description="Share of allowed answers also sent to review.")
     lease_s: float = Field(300.0, gt=0, description="How long a claimed item stays with its reviewer.")
     required_verdicts: int = Field(1, ge=1, description="Independent verdicts an item needs (overlap).")
+    max_leases_per_reviewer: int = Field(5, ge=1, description="Items one reviewer may hold at once (409 beyond).")
     hold_timeout_s: float = Field(3600.0, gt=0, description="How long a held answer waits for a verdict.")
     hold_fallback: Literal["refuse", "release"] = Field(
         "refuse", description="What a held answer becomes when nobody decided in time."
@@ -192,6 +193,12 @@ class GatewaySettings(_Section):
     tokens_per_minute: int | None = Field(200_000, ge=1, description="Default per-key token limit (per replica).")
     log_batch_size: int = Field(200, ge=1, description="Traffic-log rows written per database round trip.")
     log_flush_interval_s: float = Field(0.2, gt=0, description="Longest a traffic-log row waits to be written.")
+    log_queue_max: int = Field(
+        10_000, ge=1, description="Traffic-log rows queued in memory; more spill to `<var_dir>/traffic-spill.jsonl`."
+    )
+    log_close_timeout_s: float = Field(
+        10.0, gt=0, description="Longest shutdown waits to write the traffic log; what is left spills to disk."
+    )
     store_text: bool = Field(True, description="Store prompts and answers in the traffic log.")
     mask_pii: bool = Field(False, description="Mask e-mails, phone and card numbers, ids in stored text.")
     retention_days: int | None = Field(None, ge=1, description="Delete traffic-log rows older than this.")

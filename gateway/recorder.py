@@ -24,9 +24,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, exists, insert, select
+from prometheus_client import Counter
+from sqlalchemy import delete, exists, select
 from sqlalchemy.orm import sessionmaker
 
 from core.db import Example, Request, ReviewItem, utcnow
@@ -34,6 +36,7 @@ from core.keys import Principal
 from core.settings import GatewaySettings
 from core.vocab import Decision, ReviewReason
 from gateway.metrics import Metrics
+from gateway.records import DEAD_LETTERS, SPILL, RowFile, clean_row, dead_letter_record, store_rows
 from guardrails.pii import scrub
 
 if TYPE_CHECKING:
@@ -130,20 +133,49 @@ class TrafficLog:
         settings: GatewaySettings,
         metrics: Metrics,
         backoff_s: tuple[float, float] = (0.5, 30.0),
+        var_dir: Path = Path("var"),
     ) -> None:
         self.sessions, self.settings, self.metrics = sessions, settings, metrics
         self.backoff_s = backoff_s  # first and longest wait between retries of a failed write
-        self.queue: asyncio.Queue[dict] = asyncio.Queue()
+        self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=settings.log_queue_max)
+        self.spill, self.dead_letters = RowFile(var_dir / SPILL), RowFile(var_dir / DEAD_LETTERS)
         self._task: asyncio.Task | None = None
+        self._batch: list[dict] = []  # the batch being written (spilled if shutdown cannot wait for it)
+        self._spilling: set[asyncio.Task] = set()
         self.written = 0
+        self.spilled_rows = _counter(metrics, "tunegate_traffic_log_rows_spilled", "Traffic-log rows spilled to disk.")
+        self.dead_lettered = _counter(
+            metrics, "tunegate_traffic_log_dead_letters", "Traffic-log rows the database refused (dead-letter file)."
+        )
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="traffic-log-writer")
 
     def record(self, row: dict) -> None:
-        """Queue a row (as built; `private()` is applied when it is written)."""
-        self.queue.put_nowait(row)
+        """Queue a row (as built; `private()` is applied when it is written). When the queue is full the
+        row spills to disk from a worker thread, to be replayed when the queue has room."""
+        try:
+            self.queue.put_nowait(row)
+        except asyncio.QueueFull:
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._spill, [row]))
+            self._spilling.add(task)
+            task.add_done_callback(self._spilling.discard)
         self.metrics.log_queue.set(self.queue.qsize())
+
+    def _spill(self, rows: list[dict]) -> None:
+        self.spill.append([clean_row(private(row, self.settings)) for row in rows])
+        self.spilled_rows.inc(len(rows))
+        log.warning("traffic log: %d row(s) spilled to %s", len(rows), self.spill.path)
+
+    def _dead_letter(self, row: dict, reason: str) -> None:
+        self.dead_letters.append([dead_letter_record(row, reason)])
+        self.dead_lettered.inc()
+        log.error(
+            "traffic log: row %s refused by the database (%s); kept in %s",
+            row.get("id"),
+            reason,
+            self.dead_letters.path,
+        )
 
     async def _next_batch(self) -> tuple[list[dict], bool]:
         """Up to `log_batch_size` rows, waiting at most the flush interval after the first; and
@@ -168,45 +200,78 @@ class TrafficLog:
         return batch, False
 
     async def _run(self) -> None:
+        await self._replay()
         while True:
             batch, stop = await self._next_batch()
             if batch:
+                self._batch = batch
                 await self._write_with_retry(batch)
+                self._batch = []
             if stop:
                 return
+            if self.queue.empty():  # room again: rows spilled meanwhile go in now
+                await self._replay()
 
-    async def _write_with_retry(self, batch: list[dict]) -> None:
+    async def _write_with_retry(self, batch: list[dict], ready: bool = False) -> None:
+        """Store `batch` (`ready`: already private and clean, as spilled), retrying while the database is out."""
         delay, longest = self.backoff_s
         while True:
             try:
-                await asyncio.to_thread(self._write, batch)
+                stored = await asyncio.to_thread(self._write, batch, ready)
                 break
             except Exception:  # the database is down or busy: keep the rows, try again
                 log.exception("writing %d traffic-log rows failed; retrying in %.1f s", len(batch), delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, longest)
-        self.written += len(batch)
-        self.metrics.log_written.inc(len(batch))
+        self.written += stored
+        self.metrics.log_written.inc(stored)
         self.metrics.log_queue.set(self.queue.qsize())
 
-    def _write(self, batch: list[dict]) -> None:
-        rows = [private(row, self.settings) for row in batch]
-        with self.sessions() as session:
-            session.execute(insert(Request), rows)
-            session.commit()
+    def _write(self, batch: list[dict], ready: bool = False) -> int:
+        rows = batch if ready else [clean_row(private(row, self.settings)) for row in batch]
+        return store_rows(self.sessions, rows, self._dead_letter)
+
+    async def _replay(self) -> None:
+        """Write the spilled rows (see `gateway.records`); a file stays until all its rows are stored."""
+        for path in await asyncio.to_thread(self.spill.take):
+            rows = await asyncio.to_thread(lambda p=path: list(RowFile.rows(p)))
+            size = self.settings.log_batch_size
+            for i in range(0, len(rows), size):
+                await self._write_with_retry(rows[i : i + size], ready=True)
+            await asyncio.to_thread(path.unlink, True)
 
     async def close(self) -> None:
-        """Write every row recorded so far, then stop the writer."""
+        """Write every row recorded so far, then stop the writer; what `log_close_timeout_s` leaves
+        unwritten (the database is down) spills to disk, to be written on the next start."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.log_close_timeout_s
         if self._task is not None and not self._task.done():
-            self.queue.put_nowait(_STOP)
-            await self._task
-        rest: list[dict] = []
-        while not self.queue.empty():  # rows recorded after the stop marker (nothing should, but keep them)
+            try:
+                await asyncio.wait_for(self.queue.put(_STOP), deadline - loop.time())
+                await asyncio.wait_for(asyncio.shield(self._task), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                self._task.cancel()
+                await asyncio.gather(self._task, return_exceptions=True)
+        if self._spilling:
+            await asyncio.gather(*self._spilling, return_exceptions=True)
+        rest = list(self._batch)
+        self._batch = []
+        while not self.queue.empty():
             item = self.queue.get_nowait()
             if item is not _STOP:
                 rest.append(item)
-        if rest:
-            await self._write_with_retry(rest)
+        if rest:  # never wait on the database here: the next start writes them
+            await asyncio.to_thread(self._spill, rest)
+        self.metrics.log_queue.set(self.queue.qsize())
+
+
+def _counter(metrics: Metrics, name: str, documentation: str) -> Counter:
+    """A counter in the app's registry, made once per registry (tests build several logs per `Metrics`)."""
+    existing = getattr(metrics, "_traffic_counters", {})
+    if name not in existing:
+        existing[name] = Counter(name, documentation, registry=metrics.registry)
+        metrics._traffic_counters = existing
+    return existing[name]
 
 
 def purge_expired(sessions: sessionmaker, retention_days: int) -> int:

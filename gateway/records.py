@@ -1,0 +1,182 @@
+"""Traffic-log rows on their way into the `requests` table, and the two files they go to when they cannot.
+
+* `clean_row` makes any value a client can put in JSON storable on SQLite and PostgreSQL alike: lone
+  surrogates and NUL become U+FFFD (one code point for one, so span offsets still fit), NaN and
+  +-Infinity become null, and a string longer than its `String(n)` column is cut to `n`. JSON keys
+  are cleaned like values.
+* `store_rows` inserts a batch in one statement; when that fails for a reason other than an outage
+  (`is_outage`: the database is down, locked or unreachable, which the caller retries), it inserts
+  the rows one by one: a row already stored under its id (an earlier try, or the review path) is
+  skipped, any other row that fails is handed to `dead_letter` with its reason. One bad row never
+  blocks the others.
+* `RowFile` is a JSONL file of rows under `var_dir`: `traffic-spill.jsonl` (rows the bounded queue had
+  no room for, or left at shutdown; replayed into the table on start and when the queue has room)
+  and `traffic-dead-letters.jsonl` (`{"at", "reason", "row"}` per line, kept for an operator).
+  Rows are written there after `private()`, so the files hold no more than the table would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import insert, select
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError, StatementError
+from sqlalchemy.orm import sessionmaker
+
+from core.db import Request, utcnow
+
+log = logging.getLogger("tunegate.traffic")
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+REPLACEMENT = "\ufffd"
+JSON_COLUMNS = ("request_json", "response_json", "guardrail_scores")
+DATETIME_COLUMNS = ("created_at",)
+LIMITS = {c.name: c.type.length for c in Request.__table__.columns if isinstance(c.type, sa.String) and c.type.length}
+SPILL, DEAD_LETTERS = "traffic-spill.jsonl", "traffic-dead-letters.jsonl"
+
+
+def clean_text(text: str, limit: int | None = None) -> str:
+    text = _UNSTORABLE.sub(REPLACEMENT, text)
+    return text[:limit] if limit is not None and len(text) > limit else text
+
+
+def clean_json(value: Any) -> Any:
+    """`value` (parsed JSON) as every database stores it (see the module docstring)."""
+    if isinstance(value, str):
+        return clean_text(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [clean_json(v) for v in value]
+    if isinstance(value, dict):
+        return {clean_text(str(k)): clean_json(v) for k, v in value.items()}
+    return value
+
+
+def clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A new `requests` row whose every value the database accepts."""
+    out = {}
+    for name, value in row.items():
+        if name in JSON_COLUMNS:
+            value = clean_json(value)
+        elif isinstance(value, str):
+            value = clean_text(value, LIMITS.get(name))
+        elif isinstance(value, float) and not math.isfinite(value):
+            value = None
+        out[name] = value
+    return out
+
+
+def is_outage(err: BaseException) -> bool:
+    """True unless the database refused the row itself (a statement or value error): down, locked,
+    unreachable or anything unknown is retried later rather than dead-lettered."""
+    if isinstance(err, OperationalError | InterfaceError | DisconnectionError) or getattr(
+        err, "connection_invalidated", False
+    ):
+        return True
+    return not isinstance(err, StatementError | ValueError | TypeError | UnicodeError)
+
+
+def reason_of(err: BaseException) -> str:
+    """A one-line reason for a refused row (the driver's message, never the statement's parameters)."""
+    cause = getattr(err, "orig", None) or err
+    first = (str(cause).strip().splitlines() or [""])[0]
+    return f"{type(cause).__name__}: {first}"[:500]
+
+
+def store_rows(
+    sessions: sessionmaker, rows: list[dict[str, Any]], dead_letter: Callable[[dict[str, Any], str], None]
+) -> int:
+    """Insert `rows`; returns how many were newly stored. Raises only on an outage (see the module docstring)."""
+    if not rows:
+        return 0
+    try:
+        with sessions() as session:
+            session.execute(insert(Request), rows)
+            session.commit()
+        return len(rows)
+    except Exception as err:
+        if is_outage(err):
+            raise
+        log.warning(
+            "a batch of %d traffic-log rows was refused (%s); storing them one by one", len(rows), reason_of(err)
+        )
+    stored = 0
+    for row in rows:
+        try:
+            with sessions() as session:
+                session.execute(insert(Request), [row])
+                session.commit()
+            stored += 1
+        except Exception as err:
+            if is_outage(err):
+                raise
+            if _exists(sessions, row.get("id")):
+                log.info("traffic-log row %s is already stored; skipped", row.get("id"))
+                continue
+            dead_letter(row, reason_of(err))
+    return stored
+
+
+def _exists(sessions: sessionmaker, row_id: Any) -> bool:
+    if not isinstance(row_id, str):
+        return False
+    with sessions() as session:
+        return session.scalar(select(Request.id).where(Request.id == row_id)) is not None
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+class RowFile:
+    """A JSONL file of rows (see the module docstring); safe to append to from several threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def append(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        lines = "".join(json.dumps(r, default=_jsonable, ensure_ascii=True) + "\n" for r in records)
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as out:
+                out.write(lines)
+
+    def take(self) -> list[Path]:
+        """Move the file aside to be replayed (appends go on into a new one); returns every file awaiting
+        replay, including those a crash or an outage left from an earlier replay."""
+        with self._lock:
+            if self.path.exists():
+                self.path.rename(self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex[:8]}.replay"))
+        return sorted(self.path.parent.glob(f"{self.path.name}.*.replay"))
+
+    @staticmethod
+    def rows(path: Path) -> Iterator[dict[str, Any]]:
+        """The rows of a taken file, datetimes parsed back; a line cut short by a crash is skipped."""
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    log.warning("skipping an unreadable line of %s", path)
+                    continue
+                for name in DATETIME_COLUMNS:
+                    if isinstance(row.get(name), str):
+                        row[name] = datetime.fromisoformat(row[name])
+                yield row
+
+
+def dead_letter_record(row: dict[str, Any], reason: str) -> dict[str, Any]:
+    return {"at": utcnow().isoformat(), "reason": reason, "row": row}

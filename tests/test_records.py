@@ -1,0 +1,149 @@
+"""The traffic log never stalls: hostile values are stored clean, a refused row goes to the dead-letter
+file without blocking its batch, a full queue spills to disk and is replayed, shutdown keeps its
+deadline. On SQLite and on PostgreSQL; the database is real, only outages are injected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
+
+from core.db import Request, make_engine, session_factory, upgrade, utcnow
+from core.settings import GatewaySettings
+from gateway.metrics import Metrics
+from gateway.recorder import TrafficLog
+from gateway.records import DEAD_LETTERS, SPILL, clean_row
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sessions(request, tmp_path):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres_database")
+    upgrade(url)
+    engine = make_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def row(**extra) -> dict:
+    return {
+        "id": uuid.uuid4().hex,
+        "created_at": utcnow(),
+        "route": "base",
+        "endpoint": "chat",
+        "stream": False,
+        "status_code": 200,
+        "prompt_text": "user: hi",
+        "answer_text": "hello",
+        **extra,
+    }
+
+
+def stored(sessions, ids: list[str]) -> dict[str, Request]:
+    with sessions() as session:
+        return {r.id: r for r in session.scalars(select(Request).where(Request.id.in_(ids)))}
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def write(log: TrafficLog, rows: list[dict]) -> None:
+    log.start()
+    for r in rows:
+        log.record(r)
+    await log.close()
+
+
+def test_values_a_client_can_send_are_stored_clean(sessions, tmp_path):
+    hostile = row(
+        end_user="u" * 5000,
+        prompt_text="lone \ud800 surrogate and NUL \x00 here",
+        answer_text="\udfff\x00",
+        request_json={"messages": [{"content": "a\x00b\ud83d"}], "temperature": float("nan"), "\x00k": float("inf")},
+        response_json={"x": [float("-inf"), "\udc00"]},
+        risk=float("nan"),
+    )
+    plain = row()
+    log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+    run(write(log, [hostile, plain]))
+    rows = stored(sessions, [hostile["id"], plain["id"]])
+    assert set(rows) == {hostile["id"], plain["id"]}
+    got = rows[hostile["id"]]
+    assert got.prompt_text == "lone \ufffd surrogate and NUL \ufffd here" and got.answer_text == "\ufffd\ufffd"
+    assert len(got.end_user) == 200 and got.risk is None
+    assert got.request_json == {"messages": [{"content": "a\ufffdb\ufffd"}], "temperature": None, "\ufffdk": None}
+    assert got.response_json == {"x": [None, "\ufffd"]}
+    assert not (tmp_path / DEAD_LETTERS).exists()
+
+
+def test_a_refused_row_is_dead_lettered_and_its_batch_written(sessions, tmp_path):
+    metrics = Metrics()
+    good = [row() for _ in range(3)]
+    bad = row(created_at="not a date")  # no cleaning makes this storable: the database refuses it
+    log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
+    run(write(log, [good[0], bad, good[1], good[2]]))
+    assert set(stored(sessions, [r["id"] for r in [*good, bad]])) == {r["id"] for r in good}
+    letters = [json.loads(line) for line in (tmp_path / DEAD_LETTERS).read_text().splitlines()]
+    assert [letter["row"]["id"] for letter in letters] == [bad["id"]] and letters[0]["reason"]
+    assert metrics.registry.get_sample_value("tunegate_traffic_log_dead_letters_total") == 1
+
+
+def test_a_row_already_stored_is_not_inserted_twice_nor_dead_lettered(sessions, tmp_path):
+    first = row(answer_text="stored with its review item")
+    with sessions() as session:  # the review path stored this exchange's row already
+        session.add(Request(**first))
+        session.commit()
+    again, other = dict(first, answer_text="second try"), row()
+    log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+    run(write(log, [again, other]))
+    rows = stored(sessions, [first["id"], other["id"]])
+    assert set(rows) == {first["id"], other["id"]} and rows[first["id"]].answer_text == "stored with its review item"
+    assert not (tmp_path / DEAD_LETTERS).exists()
+
+
+def test_a_full_queue_spills_to_disk_and_is_replayed(sessions, tmp_path):
+    metrics = Metrics()
+    rows = [row() for _ in range(5)]
+    settings = GatewaySettings(log_queue_max=2, store_text=False)
+
+    async def scenario():
+        log = TrafficLog(sessions, settings, metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
+        for r in rows:  # the writer is not running: the queue fills up
+            log.record(r)
+        await asyncio.gather(*log._spilling)
+        spilled = [json.loads(line) for line in (tmp_path / SPILL).read_text().splitlines()]
+        await write(log, [])  # start, then close: the queue and the spill file go to the database
+        return spilled
+
+    spilled = run(scenario())
+    assert {s["id"] for s in spilled} == {r["id"] for r in rows[2:]}
+    assert all(s["prompt_text"] is None for s in spilled)  # privacy holds on disk too
+    assert set(stored(sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
+    assert metrics.registry.get_sample_value("tunegate_traffic_log_rows_spilled_total") == 3
+    assert not list(tmp_path.glob(f"{SPILL}*"))
+
+
+def test_shutdown_keeps_its_deadline_and_spills_what_is_left(sessions, tmp_path):
+    def down():  # fault injection: the database is unreachable for the whole shutdown
+        raise OperationalError("connect", {}, ConnectionRefusedError("database is down"))
+
+    rows = [row() for _ in range(4)]
+    settings = GatewaySettings(log_close_timeout_s=0.2, log_flush_interval_s=0.01)
+    run(write(TrafficLog(down, settings, Metrics(), backoff_s=(0.05, 0.05), var_dir=tmp_path), rows))
+    assert stored(sessions, [r["id"] for r in rows]) == {}
+    assert len((tmp_path / SPILL).read_text().splitlines()) == 4
+
+    run(write(TrafficLog(sessions, settings, Metrics(), var_dir=tmp_path), []))  # the next start writes them
+    assert set(stored(sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
+
+
+def test_clean_row_cuts_only_bounded_columns():
+    cleaned = clean_row({"route": "r" * 300, "prompt_text": "p" * 300, "latency_ms": float("inf")})
+    assert len(cleaned["route"]) == 200 and len(cleaned["prompt_text"]) == 300 and cleaned["latency_ms"] is None
