@@ -35,8 +35,9 @@ from core.db import Example, Request, ReviewItem, utcnow
 from core.keys import Principal
 from core.settings import GatewaySettings
 from core.vocab import Decision, ReviewReason
+from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.records import DEAD_LETTERS, SPILL, RowFile, clean_row, dead_letter_record, store_rows
+from gateway.records import DEAD_LETTERS, SPILL, RowFile, clean_row, dead_letter_record, reason_of, store_rows
 from guardrails.pii import scrub
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("tunegate.traffic")
 TEXT_FIELDS = ("prompt_text", "answer_text")
 BODY_FIELDS = ("request_json", "response_json")
+RETRY_AFTER_S = 5
 _STOP: dict = {}  # queued by close(): everything before it gets written, then the writer ends
 
 
@@ -122,6 +124,12 @@ def private(row: dict[str, Any], settings: GatewaySettings) -> dict[str, Any]:
     if "guardrail_scores" in row:
         row["guardrail_scores"] = document
     return row
+
+
+class ReviewStoreUnavailable(GatewayError):
+    """A held answer could not be stored for review (the database is down): fail closed, 503."""
+
+    status_code, type, code = 503, "service_unavailable", "review_store_unavailable"
 
 
 class TrafficLog:
@@ -292,6 +300,9 @@ class Recorder:
 
     def __init__(self, traffic: TrafficLog, review: ReviewService, metrics: Metrics, settings: GatewaySettings):
         self.traffic, self.review, self.metrics, self.settings = traffic, review, metrics, settings
+        self.sample_failures = _counter(
+            metrics, "tunegate_review_sample_failures", "Sampled answers the review store could not take."
+        )
 
     def row(self, ex: Exchange) -> dict[str, Any]:
         """The `requests` row of the exchange as it stands (before `private()`)."""
@@ -322,13 +333,30 @@ class Recorder:
             "error": ex.error,
         }
 
-    async def hold(self, ex: Exchange, reason: ReviewReason) -> str:
-        """Store the row with a pending review item (one transaction, before the client hears back)."""
-        ex.review_id = await asyncio.to_thread(self._store_with_review, self.row(ex), reason)
+    async def hold(self, ex: Exchange, reason: ReviewReason) -> str | None:
+        """Store the row with a pending review item (one transaction, before the client hears back).
+
+        Fails closed: when the review store cannot take a held answer, `ReviewStoreUnavailable` (503)
+        is raised and the answer is never released unchecked. A sampled answer was allowed anyway: a
+        failure to store it is logged and counted (`tunegate_review_sample_failures_total`), None is
+        returned and the row goes to the traffic log as any other."""
+        try:
+            ex.review_id = await asyncio.to_thread(self._store_with_review, self.row(ex), reason)
+        except Exception as err:
+            if reason == ReviewReason.HELD:
+                log.error("request %s: the review store refused a held answer (%s); 503", ex.id, reason_of(err))
+                raise ReviewStoreUnavailable(
+                    "this answer must be reviewed before it is released, and the review queue is unavailable "
+                    "right now; retry later",
+                    headers={"Retry-After": str(RETRY_AFTER_S)},
+                ) from None
+            self.sample_failures.inc()
+            log.warning("request %s: a sampled answer was not stored for review (%s)", ex.id, reason_of(err))
+            return None
         return ex.review_id
 
     def _store_with_review(self, row: dict[str, Any], reason: ReviewReason) -> str:
-        return self.review.hold(private(row, self.settings), reason=reason)
+        return self.review.hold(clean_row(private(row, self.settings)), reason=reason)
 
     def begin(self) -> None:
         self.metrics.in_flight.inc()
