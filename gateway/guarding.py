@@ -9,7 +9,9 @@ cheap properties of the calibrated `guardrails.guard.Guard` (`needs_logprobs`, `
 `GuardService.verdict(route, plan, check)` scores the answer: the context the client sent in
 `context`/`documents`, else passages retrieved from the route's knowledge base; the calibrated risk
 (in a worker thread); the route's policy (`routes.<alias>.policy`, else `guardrails.policy`) ->
-allow / annotate / hold / block; and whether the answer goes to review (`held` or `sampled`).
+allow / annotate / hold / block; and whether the answer goes to review (`held` or `sampled`). A
+response with several answers (`n` > 1, a list of prompts) has each judged; `worst` picks the verdict
+that decides for the whole response (block > hold > annotate > allow; the higher risk on a tie).
 Imports `guardrails` and `core`.
 """
 
@@ -30,6 +32,7 @@ from guardrails.retrieval import KnowledgeBase
 from guardrails.types import CheckInput, DetectorResult
 
 CONTEXT_FIELDS = ("context", "documents")  # tunegate's request fields; never forwarded to vLLM
+SEVERITY = {Decision.ALLOW: 0, Decision.ANNOTATE: 1, Decision.HOLD: 2, Decision.BLOCK: 3}
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class Assessment:
             "scores": {k: None if v is None else round(v, 4) for k, v in self.scores().items()},
             "unsupported_spans": [list(s) for s in self.unsupported_spans],
         }
+
+
+def worst(assessments: list[Assessment | None]) -> int | None:
+    """The position of the verdict that decides for a whole response (None: no guardrails)."""
+    judged = [(SEVERITY[a.decision], a.risk, -i) for i, a in enumerate(assessments) if a is not None]
+    return -max(judged)[2] if judged else None
 
 
 def request_context(extra: dict) -> str | None:

@@ -6,7 +6,10 @@ request's `user` field, the `X-TuneGate-User` header, or else the API key) alway
 version while the weights stay the same. `latest` resolves through the `adapters` table (newest
 servable version) and is cached for a few seconds, so a promotion reaches every replica quickly.
 Adapters are loaded into vLLM on first use through its runtime API and unloaded least recently used
-beyond `max_loaded_adapters`. Clients only ever see aliases: no path is in any response.
+beyond `max_loaded_adapters`. A request holds its adapter (`acquire` ... `release`) until its answer is
+over: an adapter some request is using is never unloaded under it (the gateway goes over capacity for
+a while instead), and loads and unloads run one at a time. Clients only ever see aliases: no path is in
+any response.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,28 +119,57 @@ class Router:
 
 
 class AdapterManager:
-    """Which adapters are loaded in vLLM, loading on demand and unloading least recently used. Calls go
-    through `core.vllm`'s adapter client over the upstream connection (its breaker and retries)."""
+    """Which adapters are loaded in vLLM, loading on demand and unloading least recently used among those
+    no request is using. Calls go through `core.vllm`'s adapter client over the upstream connection (its
+    breaker and retries) and raise the gateway's errors."""
 
     def __init__(self, upstream: Upstream, capacity: int, metrics: Metrics) -> None:
         self.upstream, self.capacity, self.metrics = upstream, capacity, metrics
         self.loaded: OrderedDict[str, Path] = OrderedDict()
+        self.in_use: Counter[str] = Counter()  # served name -> requests using it now
         self._lock = asyncio.Lock()
 
+    async def acquire(self, target: Target) -> None:
+        """Load the target's adapter if needed and hold it for one request until `release`."""
+        if target.path is None:
+            return
+        self.in_use[target.served_name] += 1
+        try:
+            await self.ensure(target)
+        except BaseException:
+            self.release(target)
+            raise
+
+    def release(self, target: Target) -> None:
+        """The request that acquired the target's adapter is over."""
+        if target.path is None:
+            return
+        self.in_use[target.served_name] -= 1
+        if self.in_use[target.served_name] <= 0:
+            del self.in_use[target.served_name]
+
     async def ensure(self, target: Target) -> None:
+        """The target's adapter is loaded in vLLM (loaded now if it was not)."""
         if target.path is None:
             return
         if target.served_name in self.loaded:
             self.loaded.move_to_end(target.served_name)
             return
-        async with self._lock:  # one load at a time; others wait for it instead of loading twice
+        async with self._lock:  # one load or unload at a time; others wait for it instead of loading twice
             if target.served_name in self.loaded:
                 return
-            while len(self.loaded) >= self.capacity:
-                old, _ = self.loaded.popitem(last=False)
-                await self._unload(old)
+            await self._make_room()
             await self._load(target.served_name, target.path.resolve())
             self.loaded[target.served_name] = target.path
+
+    async def _make_room(self) -> None:
+        """Unload least recently used adapters that no request is using, down to below capacity."""
+        while len(self.loaded) >= self.capacity:
+            idle = next((name for name in self.loaded if not self.in_use.get(name)), None)
+            if idle is None:  # every loaded adapter is serving a request: over capacity until they end
+                return
+            del self.loaded[idle]
+            await self._unload(idle)
 
     def forget(self, target: Target) -> None:
         """vLLM no longer has this adapter (another replica unloaded it, or vLLM restarted)."""
@@ -155,13 +187,16 @@ class AdapterManager:
         except GatewayError:  # vLLM unreachable, too slow, or the breaker is open
             self._count(name, "load", ok=False)
             raise
+        except Exception as err:  # anything else still reaches the client as an OpenAI-shaped error
+            self._count(name, "load", ok=False)
+            raise UpstreamUnavailable(f"vLLM could not load adapter `{name}` ({type(err).__name__})") from err
         self._count(name, "load", ok=True)
 
     async def _unload(self, name: str) -> None:
         """Best effort: an adapter vLLM cannot unload (or already dropped) is counted, not raised."""
         try:
             await unload_adapter_async(self.upstream.post, name)
-        except (VllmError, GatewayError):
+        except Exception:  # VllmError, GatewayError, or anything else: vLLM keeps it, we do not
             self._count(name, "unload", ok=False)
             return
         self._count(name, "unload", ok=True)

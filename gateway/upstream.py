@@ -4,7 +4,13 @@ and the server-sent-event wire format, both ways (`stream_events` reads vLLM's, 
 A request is retried only when the connection itself failed (nothing reached vLLM, nothing was
 streamed back), so no generation is ever run twice. After `breaker_failures` consecutive failures
 the circuit opens: requests fail fast with a 503 for `breaker_reset_s`, then one probe is let
-through; its success closes the circuit. vLLM's own error answers (4xx) are not failures.
+through; its success closes the circuit. vLLM's own error answers (4xx) are not failures. Whatever a
+request raises (a cancellation, an unexpected exception), the breaker hears an outcome, so a half-open
+probe is always freed.
+
+vLLM's answers are untrusted input: a body that is not a JSON object, an event that is not one, a
+stream that ends without `[DONE]` or a connection cut in the middle of an answer raise
+`BadUpstreamAnswer` (502, in OpenAI's error shape, through `gateway.errors`' mapper).
 """
 
 from __future__ import annotations
@@ -17,10 +23,19 @@ from collections.abc import AsyncIterator
 import httpx
 
 from core.settings import GatewaySettings
-from gateway.errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 
 CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 DONE = "[DONE]"  # the last event of an OpenAI stream
+
+
+class BadUpstreamAnswer(GatewayError):
+    """vLLM answered, but not with what the OpenAI protocol promises (malformed, wrong shape, cut off)."""
+
+    status_code, type, code = 502, "server_error", "bad_upstream_response"
+
+    def __init__(self, what: str) -> None:
+        super().__init__(f"vLLM sent an answer the gateway cannot use: {what}")
 
 
 def sse(data: dict | str) -> bytes:
@@ -102,13 +117,28 @@ class Upstream:
 
     async def _send(self, method: str, path: str, body: dict | None, stream: bool) -> httpx.Response:
         self.breaker.before_request()
+        settled = False  # the breaker heard this request's outcome
+        try:
+            resp = await self._attempts(method, path, body, stream)
+            settled = True
+            return resp
+        except GatewayError:
+            settled = True  # `_attempts` told the breaker before raising
+            raise
+        except Exception:
+            self.breaker.failure()  # an unexpected error is a failed request, and frees the probe
+            settled = True
+            raise
+        finally:
+            if not settled:  # cancelled (or a BaseException): no outcome; let the next request probe
+                self.breaker.abandon()
+
+    async def _attempts(self, method: str, path: str, body: dict | None, stream: bool) -> httpx.Response:
+        """Send, retrying refused connections; every way out that is a GatewayError told the breaker."""
         request = self.client.build_request(method, path, json=body)
         for attempt in range(self.settings.connect_retries + 1):
             try:
                 resp = await self.client.send(request, stream=stream)
-            except asyncio.CancelledError:
-                self.breaker.abandon()
-                raise
             except CONNECT_ERRORS as err:  # nothing reached vLLM: safe to retry
                 if attempt < self.settings.connect_retries:
                     await asyncio.sleep(0.05 * 2**attempt)
@@ -118,13 +148,20 @@ class Upstream:
             except httpx.TimeoutException as err:
                 self.breaker.failure()
                 raise UpstreamTimeout(f"vLLM did not answer within {self.settings.upstream_timeout_s:.0f} s") from err
+            except httpx.RemoteProtocolError as err:  # vLLM closed the connection instead of answering
+                self.breaker.failure()
+                raise BadUpstreamAnswer(f"the connection closed before an answer ({err})") from err
             except httpx.TransportError as err:
                 self.breaker.failure()
                 raise self._unavailable(err) from err
             if resp.status_code >= 500:
-                body_bytes = await resp.aread()
-                await resp.aclose()
                 self.breaker.failure()
+                try:
+                    body_bytes = await resp.aread()
+                except httpx.HTTPError:
+                    body_bytes = b""
+                finally:
+                    await resp.aclose()
                 raise _upstream_error(resp, body_bytes)
             self.breaker.success()
             return resp
@@ -135,13 +172,21 @@ class Upstream:
         return await self._send("POST", path, body, stream=False)
 
     async def post_json(self, path: str, body: dict) -> dict:
+        """vLLM's JSON object; its error answers raised as `UpstreamError`, anything else as `BadUpstreamAnswer`."""
         resp = await self.post(path, body)
         if resp.status_code >= 400:
             raise _upstream_error(resp, resp.content)
-        return resp.json()
+        try:
+            answer = resp.json()
+        except ValueError as err:  # not JSON (or not UTF-8), e.g. a body cut short
+            raise BadUpstreamAnswer("the body is not JSON") from err
+        if not isinstance(answer, dict):
+            raise BadUpstreamAnswer("the body is not a JSON object")
+        return answer
 
     async def stream_events(self, path: str, body: dict) -> AsyncIterator[dict | str]:
-        """vLLM's server-sent events, parsed: each chunk as a dict, then `DONE` if vLLM ended the stream.
+        """vLLM's server-sent events, parsed: each chunk as a dict, then `DONE`; an event that is not a JSON
+        object, or a stream cut off before `DONE`, raises `BadUpstreamAnswer`.
         Closing the iterator closes the connection, which makes vLLM abort the generation (a client
         that disconnects cancels its upstream request)."""
         resp = await self._send("POST", path, body, stream=True)
@@ -150,13 +195,24 @@ class Upstream:
                 raise _upstream_error(resp, await resp.aread())
             try:
                 async for line in resp.aiter_lines():
-                    if line.startswith("data:"):
-                        data = line[5:].strip()
-                        yield DONE if data == DONE else json.loads(data)
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == DONE:
+                        yield DONE
+                        return  # anything after the end is not read
+                    try:
+                        event = json.loads(data)
+                    except ValueError as err:
+                        raise BadUpstreamAnswer("an event that is not JSON") from err
+                    if not isinstance(event, dict):
+                        raise BadUpstreamAnswer("an event that is not a JSON object")
+                    yield event
             except httpx.TimeoutException as err:
                 raise UpstreamTimeout("vLLM stopped sending in the middle of a stream") from err
-            except httpx.TransportError as err:
-                raise self._unavailable(err) from err
+            except httpx.TransportError as err:  # the connection was cut in the middle of the answer
+                raise BadUpstreamAnswer(f"the stream was cut off ({type(err).__name__})") from err
+            raise BadUpstreamAnswer("the stream ended without [DONE]")
         finally:
             await resp.aclose()
 

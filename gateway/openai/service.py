@@ -2,16 +2,22 @@
 
 `CompletionService.complete()` is the whole path of a request after authentication, in order:
   1. the key's rate limits;
-  2. the route: alias -> adapter version (sticky canary split), loaded into vLLM if needed;
+  2. the route: alias -> adapter version (sticky canary split), loaded into vLLM if needed and held
+     until the answer is over (never unloaded under the request); an adapter vLLM no longer has (404
+     after a restart) is loaded again and the request retried once, streams included;
   3. the guard's plan (`GuardService.plan`): logprobs? extra samples? buffer the stream? sample the
      answer for review?
   4. vLLM, with the served adapter name in `model` (the client only ever sees its alias), asked for
      what the plan needs;
-  5. the guard's verdict (`GuardService.verdict`): a calibrated risk and the route's policy -> allow /
-     annotate / hold / block, and whether the answer goes to review (held or sampled); such an answer
-     is stored with its review item before the client hears back, a held one answered with a 202;
+  5. the guard's verdict (`GuardService.verdict`) on every answer the client gets (each of `n`
+     choices, for each prompt of a list): a calibrated risk and the route's policy -> allow / annotate
+     / hold / block, the worst deciding for the whole response, and whether the answer goes to review
+     (held or sampled); such an answer is stored with its review item before the client hears back, a
+     held one answered with a 202 (recorded as held only once its review item is committed);
   6. the answer: JSON; server-sent events passed through as they come (the plan does not buffer), or
-     buffered, judged, then replayed; every event framed by `gateway.upstream.sse`;
+     buffered, judged, then replayed; every event framed by `gateway.upstream.sse`. vLLM's answers are
+     checked (`gateway.openai.answers`): a malformed one is a 502, and a stream that fails after its
+     first byte ends with an error event and `[DONE]`;
   7. the recorder: the request's row (traffic log, unless stored with its review item) and metrics.
 A client that disconnects cancels its upstream request (status 499 in the log).
 """
@@ -20,9 +26,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Request
@@ -32,65 +39,23 @@ from core.keys import Principal
 from core.vocab import Decision, ReviewReason
 from gateway.deps import RateLimiter
 from gateway.errors import GatewayError, UpstreamError, error_body
-from gateway.guarding import CONTEXT_FIELDS, GuardService, Plan, request_context
+from gateway.guarding import CONTEXT_FIELDS, GuardService, Plan, request_context, worst
+from gateway.openai.answers import Collected, Unit, check_answer, check_chunk
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest
 from gateway.recorder import Exchange, Recorder
 from gateway.routing import AdapterManager, Router
 from gateway.upstream import DONE, Upstream, sse
-from guardrails.types import CheckInput
 
 CLIENT_CLOSED = 499  # nginx's code for "the client closed the connection first"
 REFUSAL = "This answer was withheld by the guardrails."
+NOT_STORED = "The answer needs a human review and could not be stored for it; it is not released. Try again shortly."
 PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions"}
 T = TypeVar("T")
+log = logging.getLogger("tunegate.gateway")
 
 
 class ClientDisconnected(Exception):
     pass
-
-
-@dataclass
-class Collected:
-    """An answer as the guardrails see it: the first choice's text and token logprobs, extra samples."""
-
-    endpoint: str
-    n: int  # choices the client asked for; those beyond are the plan's extra samples
-    text: str = ""
-    token_logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = field(default_factory=list)
-    extra: dict[int, str] = field(default_factory=dict)
-
-    def take(self, choice: dict) -> bool:
-        """Note one choice (whole, or a stream's delta); True when it is the client's, False for a sample."""
-        if self.endpoint == "chat":
-            text = (choice.get("message") or choice.get("delta") or {}).get("content") or ""
-        else:
-            text = choice.get("text") or ""
-        index = choice.get("index", 0)
-        if index >= self.n:
-            self.extra[index] = self.extra.get(index, "") + text
-            return False
-        if index == 0:
-            self.text += text
-            logprobs = choice.get("logprobs") or {}
-            if self.endpoint == "chat":
-                for token in logprobs.get("content") or []:
-                    self.token_logprobs.append(token["logprob"])
-                    self.top_logprobs.append({t["token"]: t["logprob"] for t in token.get("top_logprobs") or []})
-            else:
-                self.token_logprobs.extend(lp for lp in logprobs.get("token_logprobs") or [] if lp is not None)
-                self.top_logprobs.extend(t or {} for t in logprobs.get("top_logprobs") or [])
-        return True
-
-    def check(self, question: str, context: str | None) -> CheckInput:
-        return CheckInput(
-            question=question,
-            answer=self.text,
-            context=context,
-            token_logprobs=self.token_logprobs or None,
-            top_logprobs=self.top_logprobs or None,
-            samples=[self.extra[i] for i in sorted(self.extra)],
-        )
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -144,11 +109,12 @@ class CompletionService:
         ex = Exchange(endpoint, body, caller, body.user or user_header or f"key:{caller.key_id}")
         ex.context = request_context(body.model_extra or {})
         self.recorder.begin()
-        streaming = False
+        streaming = acquired = False
         try:
             self.limiter.admit(caller.key_id, *self.limiter.limits(caller))
             ex.target = await self.router.resolve(body.model, ex.end_user)
-            await self.adapters.ensure(ex.target)
+            await self.adapters.acquire(ex.target)
+            acquired = True
             plan = self.guard.plan(ex.target.route, sampling=(body.temperature or 0) > 0)
             payload = self._payload(ex, plan)
             if not body.stream:
@@ -156,8 +122,8 @@ class CompletionService:
             # Always ask vLLM for usage so the log and token limits have it; the client sees the
             # usage chunk only if it asked for it.
             payload["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
-            events = self.upstream.stream_events(PATHS[endpoint], payload)
-            first = await self._from_upstream(ex, request, anext(events, None))  # errors before a byte: real statuses
+            # Errors before a byte is sent are answered with their real statuses.
+            events, first = await self._ask(ex, request, lambda: self._open_stream(PATHS[endpoint], payload))
             if plan.buffer:
                 return await self._buffered(ex, plan, first, events, request)
             streaming = True
@@ -178,6 +144,8 @@ class CompletionService:
             raise
         finally:
             if not streaming:
+                if acquired:
+                    self.adapters.release(ex.target)
                 self._finish(ex)
 
     # --- asking vLLM ------------------------------------------------------------------------------
@@ -203,21 +171,45 @@ class CompletionService:
         finally:
             ex.upstream_s += time.perf_counter() - t0
 
-    async def _whole(self, ex: Exchange, plan: Plan, payload: dict, request: Request) -> Response:
-        """A JSON answer: the client's choices, judged; refused in place when blocked."""
-        path = PATHS[ex.endpoint]
+    async def _ask(self, ex: Exchange, request: Request, work: Callable[[], Awaitable[T]]) -> T:
+        """`work()` against vLLM; if vLLM no longer has the adapter (another gateway replica unloaded it,
+        or vLLM restarted: a 404), load it again and retry once."""
         try:
-            response = await self._from_upstream(ex, request, self.upstream.post_json(path, payload))
+            return await self._from_upstream(ex, request, work())
         except UpstreamError as err:
             if err.status_code != 404 or ex.target.path is None:
                 raise
-            # The adapter is gone from vLLM (another gateway replica unloaded it, or vLLM restarted):
-            # load it again and retry once.
             self.adapters.forget(ex.target)
             await self.adapters.ensure(ex.target)
-            response = await self._from_upstream(ex, request, self.upstream.post_json(path, payload))
+            return await self._from_upstream(ex, request, work())
+
+    async def _open_stream(self, path: str, payload: dict) -> tuple[AsyncIterator[dict | str], dict | str | None]:
+        """vLLM's stream and its first event (its errors are raised here, before the client hears back)."""
+        events = self.upstream.stream_events(path, payload)
+        try:
+            return events, await anext(events, None)
+        except BaseException:
+            await events.aclose()
+            raise
+
+    def _collected(self, ex: Exchange, plan: Plan) -> Collected:
+        """vLLM answers `n` + the plan's samples choices per prompt; the client gets the first `n` of each."""
+        body = ex.body
+        prompts = len(body.prompt) if isinstance(getattr(body, "prompt", None), list) else 1
+        return Collected(ex.endpoint, body.n, body.n + plan.samples, prompts)
+
+    def _questions(self, ex: Exchange) -> list[str]:
+        """What each prompt's answers are checked against (a completion request may send a list)."""
+        prompt = getattr(ex.body, "prompt", None)
+        return list(prompt) if isinstance(prompt, list) else [ex.body.question()]
+
+    async def _whole(self, ex: Exchange, plan: Plan, payload: dict, request: Request) -> Response:
+        """A JSON answer: the client's choices, judged; refused in place when blocked."""
+        path = PATHS[ex.endpoint]
+        response = await self._ask(ex, request, lambda: self.upstream.post_json(path, payload))
+        check_answer(response, ex.endpoint)
         response["model"] = ex.body.model
-        collected = Collected(ex.endpoint, ex.body.n)
+        collected = self._collected(ex, plan)
         response["choices"] = [c for c in response.get("choices") or [] if collected.take(c)]
         if not ex.body.logprobs:
             for choice in response["choices"]:
@@ -241,19 +233,21 @@ class CompletionService:
     # --- the guard's verdict ----------------------------------------------------------------------
 
     async def _judge(self, ex: Exchange, plan: Plan, collected: Collected) -> JSONResponse | None:
-        """Ask the guard for its verdict; store an answer it sends to review with its review item;
-        return the 202 of a held answer (None: answer the client)."""
-        ex.answer = collected.text
-        check = collected.check(ex.body.question(), ex.context)
-        a = ex.assessment = await self.guard.verdict(ex.target.route, plan, check)
-        if a is None:
+        """Ask the guard for its verdict on every answer the client gets; the worst decides. Store an
+        answer it sends to review with its review item; return the 202 of a held answer (None: answer
+        the client)."""
+        checks = collected.checks(self._questions(ex), ex.context)
+        verdicts = await asyncio.gather(*(self.guard.verdict(ex.target.route, plan, check) for _, check in checks))
+        decisive = worst(verdicts)
+        unit = checks[decisive or 0][0]
+        ex.answer = unit.text  # the answer the log (and a reviewer) sees: the one that decided
+        if decisive is None:
             return None
+        a = ex.assessment = verdicts[decisive]
         ex.context = a.context
-        if a.review == ReviewReason.HELD:
-            ex.status = 202
         if a.review is not None:
-            await self.recorder.hold(ex, a.review)
-        if a.review != ReviewReason.HELD:
+            await self._store_for_review(ex, unit, a.review)
+        if a.review != ReviewReason.HELD or ex.review_id is None:
             return None
         return JSONResponse(
             {
@@ -268,10 +262,41 @@ class CompletionService:
             headers={"X-Request-Id": ex.id, "Location": f"/v1/reviews/{ex.review_id}"},
         )
 
+    async def _store_for_review(self, ex: Exchange, unit: Unit, reason: ReviewReason) -> None:
+        """The exchange's row with its review item, in one transaction. The exchange says `held` (202)
+        only once that is committed: a held answer that cannot be stored is an error, never released;
+        a sampled one is answered and logged as usual. A cancelled caller still learns the outcome."""
+        view = dataclasses.replace(ex, status=202 if reason == ReviewReason.HELD else ex.status)
+        prompt = getattr(ex.body, "prompt", None)
+        if isinstance(prompt, list) and len(prompt) > 1:  # the reviewer judges one prompt and its answer
+            view.body = ex.body.model_copy(update={"prompt": prompt[unit.prompt]})
+        stored = asyncio.ensure_future(self.recorder.hold(view, reason))
+        try:
+            review_id = await asyncio.shield(stored)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait({stored})
+            if stored.done() and not stored.cancelled() and stored.exception() is None:
+                ex.review_id = stored.result()  # committed: the traffic log must not store the row again
+            raise
+        except GatewayError:  # the recorder's own answer (a held answer it could not store: 503)
+            raise
+        except Exception as err:
+            if reason == ReviewReason.HELD:
+                raise GatewayError(NOT_STORED) from err
+            log.exception("storing a sampled answer for review failed; it is logged as usual")
+            return
+        if reason == ReviewReason.HELD and review_id is None:
+            raise GatewayError(NOT_STORED)  # fail closed: a held answer is never released unstored
+        ex.review_id = review_id
+        if reason == ReviewReason.HELD:
+            ex.status = 202
+
     # --- streams ----------------------------------------------------------------------------------
 
     def _client_event(self, ex: Exchange, chunk: dict, collected: Collected) -> bytes | None:
         """One upstream chunk for the client (None: nothing to send), noting answer, samples, usage."""
+        check_chunk(chunk, ex.endpoint)
         chunk["model"] = ex.body.model
         if chunk.get("usage"):
             ex.usage = chunk["usage"]
@@ -307,7 +332,7 @@ class CompletionService:
         self, ex: Exchange, plan: Plan, first: dict | str | None, events: AsyncIterator[dict | str], request: Request
     ) -> Response:
         """Routes that can hold or block: read the whole stream, judge it, then replay it or hold it."""
-        collected, out = Collected(ex.endpoint, ex.body.n), []
+        collected, out = self._collected(ex, plan), []
         event = first
         try:
             while event is not None and event != DONE:
@@ -345,7 +370,7 @@ class CompletionService:
         answer and close an annotated stream with its risk event. `gone` completes when the client
         disconnects: then the upstream stream is closed, which aborts the generation in vLLM (the
         server may not tell us by failing a send)."""
-        collected = Collected(ex.endpoint, ex.body.n)
+        collected = self._collected(ex, plan)
         event = first
         try:
             while event is not None:
@@ -365,16 +390,24 @@ class CompletionService:
                 ex.upstream_s += time.perf_counter() - t0
         except ClientDisconnected:
             ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
-        except GatewayError as err:  # mid-stream: the status is sent; say it in an event
+        except GatewayError as err:  # mid-stream: the status is sent; say it in an event, then end
             ex.status, ex.error = err.status_code, err.message
             yield sse(error_body(err.message, err.type, code=err.code))
+            yield sse(DONE)
         except asyncio.CancelledError:
             ex.status, ex.error = CLIENT_CLOSED, "client disconnected"
             raise
+        except Exception as err:  # a bug of ours: still an OpenAI-shaped end of the stream, and logged
+            log.exception("a stream failed")
+            ex.status, ex.error = 500, f"internal error ({type(err).__name__})"
+            yield sse(error_body("The gateway failed in the middle of the answer.", "server_error"))
+            yield sse(DONE)
         finally:
             gone.cancel()
             await events.aclose()
-            ex.answer = collected.text
+            if ex.answer is None:
+                ex.answer = collected.text
+            self.adapters.release(ex.target)
             self._finish(ex)
 
     def _finish(self, ex: Exchange) -> None:
