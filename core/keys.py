@@ -2,7 +2,8 @@
 
 Keys are 32 random bytes (URL-safe base64) behind a `tg-` prefix, so a plain hash is as strong as a
 password hash would be and costs microseconds on the request path. Roles: `app` (the API),
-`reviewer` (the review page and API), `admin` (everything). Imports `core.db`.
+`reviewer` (the review page and API), `admin` (everything). A reviewer or admin key's name is its
+reviewer identity, unique among live keys of those roles. Imports `core.db`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from core.db import ApiKey, utcnow
 from core.vocab import Role
 
 KEY_PREFIX = "tg-"
+REVIEWER_ROLES = (Role.REVIEWER, Role.ADMIN)  # roles that claim and decide review items under their key's name
 
 
 @dataclass(frozen=True)
@@ -42,9 +44,20 @@ def create_key(
     requests_per_minute: int | None = None,
     tokens_per_minute: int | None = None,
 ) -> tuple[str, ApiKey]:
-    """Mint a key; returns the key itself (shown once, never stored) and its row."""
+    """Mint a key; returns the key itself (shown once, never stored) and its row.
+
+    A reviewer is known by its key's name, so at most one live `reviewer` or `admin` key bears a name
+    (`ValueError` otherwise): two keys can never act as the same reviewer. To rotate, revoke, then create.
+    """
     if role not in {r.value for r in Role}:
         raise ValueError(f"`role` {role!r} is not one of {', '.join(r.value for r in Role)}")
+    if role in REVIEWER_ROLES and session.scalar(
+        select(ApiKey.id).where(ApiKey.name == name, ApiKey.role.in_(REVIEWER_ROLES), ApiKey.revoked_at.is_(None))
+    ):
+        raise ValueError(
+            f"a live reviewer or admin key is already named {name!r}: a reviewer name is one identity "
+            f"(its verdicts, leases and agreement); revoke that key first, or pick another name"
+        )
     key = KEY_PREFIX + secrets.token_urlsafe(32)
     row = ApiKey(
         name=name,

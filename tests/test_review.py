@@ -277,7 +277,7 @@ def test_an_expired_lease_goes_to_the_next_reviewer(sessions):
 
 
 def test_concurrent_claims_never_hand_one_item_to_two_reviewers(sessions):
-    review = review_service(sessions)
+    review = review_service(sessions, max_leases_per_reviewer=24)
     items = {hold(review, n) for n in range(24)}
     reviewers = [f"reviewer-{i}" for i in range(6)]
     claims: dict[str, list[str]] = {r: [] for r in reviewers}

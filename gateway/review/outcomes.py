@@ -8,7 +8,8 @@ the agreement between reviewers.
   newest unfrozen version of that dataset (a new version when the newest is frozen).
 * `outcome` is the item's state as the client waiting on it sees it (`ReviewOutcome`).
 * `Webhooks` posts the outcomes of held items to `review.webhook_url` from a background thread (best
-  effort: failures are logged, never raised).
+  effort: failures are logged, never raised; the URL only as scheme and host), signed with the secret
+  key: `X-TuneGate-Timestamp` and `X-TuneGate-Signature: sha256=<hex>` (`sign`).
 * `agreement` is Cohen's kappa for every pair of reviewers over the items both judged.
 
 Used by `gateway.review.service` inside its transactions; nothing here commits.
@@ -16,9 +17,12 @@ Used by `gateway.review.service` inside its transactions; nothing here commits.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import threading
+import time
 import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -33,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from core.db import AuditLog, Dataset, Example, Request, ReviewDecision, ReviewItem
 from core.io import last_user_text, sha256_text
-from core.settings import ReviewSettings
+from core.settings import ReviewSettings, mask_url
 from core.vocab import DatasetKind, ExampleSource, ReviewReason, ReviewStatus, Verdict
 from gateway.review.schemas import AgreementRow, ReviewOutcome
 
@@ -200,17 +204,19 @@ def agreement(rows: Iterable[tuple[str, str, str]]) -> list[AgreementRow]:
 
 
 class Webhooks:
-    """Posts outcomes to `review.webhook_url` from background threads (best effort)."""
+    """Posts outcomes to `review.webhook_url` from background threads (best effort), signed with the
+    secret key (see `sign`)."""
 
-    def __init__(self, url: str | None) -> None:
-        self.url = url
+    def __init__(self, url: str | None, secret: str | None = None) -> None:
+        self.url, self.secret = url, secret
         self._threads: list[threading.Thread] = []
 
     def notify(self, outcomes: list[ReviewOutcome]) -> None:
         if not self.url or not outcomes:
             return
         payloads = [o.model_dump(mode="json") for o in outcomes]
-        thread = threading.Thread(target=_post_all, args=(self.url, payloads), name="review-webhook", daemon=True)
+        args = (self.url, payloads, self.secret)
+        thread = threading.Thread(target=_post_all, args=args, name="review-webhook", daemon=True)
         self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
 
@@ -220,9 +226,28 @@ class Webhooks:
             thread.join(timeout_s)
 
 
-def _post_all(url: str, payloads: list[dict[str, Any]]) -> None:
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """`X-TuneGate-Signature` of a webhook: `sha256=` + hex HMAC-SHA256, keyed with `secret_key`, of
+    `"<timestamp>." + body` (the `X-TuneGate-Timestamp` header, a dot, the exact bytes POSTed).
+
+    A receiver recomputes it over the raw body, compares with `hmac.compare_digest`, and refuses a
+    timestamp more than a few minutes away from its clock (a replayed delivery)."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"sha256={mac.hexdigest()}"
+
+
+def _post_all(url: str, payloads: list[dict[str, Any]], secret: str | None = None) -> None:
+    shown = mask_url(url, hide_path=True)  # a webhook's path is often its credential: never logged
     for payload in payloads:
+        body = json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+        headers = {"Content-Type": "application/json"}
+        if secret:
+            timestamp = int(time.time())
+            headers |= {"X-TuneGate-Timestamp": str(timestamp), "X-TuneGate-Signature": sign(secret, timestamp, body)}
         try:
-            httpx.post(url, json=payload, timeout=WEBHOOK_TIMEOUT_S).raise_for_status()
+            httpx.post(url, content=body, headers=headers, timeout=WEBHOOK_TIMEOUT_S).raise_for_status()
         except Exception as err:  # best effort: the outcome stays readable at GET /v1/reviews/{id}
-            log.warning("review webhook %s for item %s failed: %s", url, payload.get("id"), err)
+            reason = mask_url(str(err), hide_path=True)
+            log.warning(
+                "review webhook %s for item %s failed: %s: %s", shown, payload.get("id"), type(err).__name__, reason
+            )

@@ -12,6 +12,8 @@ Lifecycle of an item (`review_items.status`)::
   LOCKED`, on SQLite a conditional UPDATE whose row count decides who won. Held items come before
   sampled ones (a client is waiting for them), oldest first; a reviewer is never handed an item
   they already judged.
+* A reviewer holds at most `review.max_leases_per_reviewer` live leases; a claim beyond is refused
+  (`Conflict`, 409, code `too_many_leases`), so one reviewer cannot lock the queue away from the others.
 * `decide` is accepted only from the reviewer whose lease is live (else `Conflict`, 409). With
   overlap (`review.required_verdicts` = k > 1) the item goes back to the queue until it has k
   verdicts; then `gateway.review.outcomes` decides it: the majority wins, a tie going to the more
@@ -22,7 +24,8 @@ Lifecycle of an item (`review_items.status`)::
   also runs first; each item expires exactly once, whoever gets there first.
 * Every step writes an `audit_log` row in the same transaction as the change it records. The
   webhook (`review.webhook_url`) receives the `ReviewOutcome` of every held item that is decided or
-  expires, from a background thread (best effort: failures are logged, never raised).
+  expires, from a background thread (best effort: failures are logged, never raised), signed with
+  `secret_key` (HMAC-SHA256; `outcomes.sign` says how a receiver checks it).
 
 Where the page finds what the guardrails saw: `requests.guardrail_scores` of a held request is::
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import SecretStr
 from sqlalchemy import and_, case, exists, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -83,9 +87,13 @@ class Conflict(GatewayError):
 class ReviewService:
     """The queue's operations (see the module docstring); what a verdict produces is `outcomes`'."""
 
-    def __init__(self, sessions: sessionmaker[Session], settings: ReviewSettings) -> None:
+    def __init__(
+        self, sessions: sessionmaker[Session], settings: ReviewSettings, secret_key: SecretStr | str | None = None
+    ) -> None:
+        """`secret_key` (`Settings.secret_key`) signs the webhooks; without it they go unsigned."""
         self.sessions, self.settings = sessions, settings
-        self.webhooks = outcomes.Webhooks(settings.webhook_url)
+        secret = secret_key.get_secret_value() if isinstance(secret_key, SecretStr) else secret_key
+        self.webhooks = outcomes.Webhooks(settings.webhook_url, secret)
 
     # --- the gateway's side ---------------------------------------------------------------------
 
@@ -171,6 +179,13 @@ class ReviewService:
         now = utcnow()
         lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
         with session_scope(self.sessions) as session:
+            held = self._leases_held(session, reviewer, now)
+            if held >= self.settings.max_leases_per_reviewer:
+                raise Conflict(
+                    f"you already hold {held} review items (`review.max_leases_per_reviewer` = "
+                    f"{self.settings.max_leases_per_reviewer}): decide one, or let its lease run out, before claiming",
+                    "too_many_leases",
+                )
             item_id = claim_next(
                 session,
                 ReviewItem,
@@ -285,6 +300,15 @@ class ReviewService:
     def _not_overdue(self, now: datetime):
         cutoff = now - timedelta(seconds=self.settings.hold_timeout_s)
         return or_(ReviewItem.reason != HELD, ReviewItem.created_at > cutoff)
+
+    def _leases_held(self, session: Session, reviewer: str, now: datetime) -> int:
+        live = and_(
+            ReviewItem.status == CLAIMED,
+            ReviewItem.claimed_by == reviewer,
+            ReviewItem.lease_expires_at > now,
+            self._not_overdue(now),
+        )
+        return session.scalar(select(func.count()).select_from(ReviewItem).where(live)) or 0
 
     @staticmethod
     def _free(now: datetime):
