@@ -4,16 +4,25 @@ A row is stored one of two ways, under the same privacy rules (`private()`):
 
 * the traffic log (`TrafficLog`): `record()` queues the row and returns; one background task writes
   the queue in batches (`log_batch_size` rows or every `log_flush_interval_s`) in a worker thread,
-  so the database is never on the request's critical path. A failed write is retried with backoff
-  and its rows kept, and `close()` drains the queue before the process exits;
+  so the database is never on the request's critical path. A write the database is out for is
+  retried with backoff and its rows kept, and `close()` drains the queue before the process exits;
 * with a review item (`Recorder.hold`), for an answer the guardrails send to review (held or
   sampled): row and item in one transaction, before the client hears back.
 
-Privacy (`gateway.store_text`, `gateway.mask_pii`), applied in a worker thread on both paths:
-`store_text: false` stores no text (prompt, answer, request and response bodies, the guardrails'
-context and evidence); `mask_pii` masks e-mails, phone and card numbers and national ids in all of
-them (`guardrails.pii.scrub`), and drops the unsupported spans when masking moved the answer's
-characters. Retention (`purge_expired`) deletes old rows no review item or training example uses.
+Privacy (`gateway.store_text`, `gateway.mask_pii`), applied in a worker thread on both paths (and to
+rows spilled to disk or dead-lettered): `store_text: false` stores no text (prompt, answer, request and
+response bodies, the guardrails' context and evidence; the quoted fragments of the error message);
+`mask_pii` masks e-mails, phone and card numbers and national ids in all of them and in the error
+(`guardrails.pii.scrub`), and drops the unsupported spans when masking moved the answer's characters.
+Log lines name a request by its id, never by its text.
+
+Never stalls (`gateway.records`): values no database stores (lone surrogates, NUL, NaN, overlong
+strings) are cleaned; a row the database still refuses goes to `<var_dir>/traffic-dead-letters.jsonl`
+with its reason (`tunegate_traffic_log_dead_letters_total`) and its batch is written row by row; the
+queue holds `log_queue_max` rows and spills the rest to `<var_dir>/traffic-spill.jsonl`, replayed on
+start and whenever the queue is empty; `close()` waits `log_close_timeout_s` at most, then spills.
+
+Retention (`purge_expired`) deletes old rows no review item or training example uses.
 """
 
 from __future__ import annotations
@@ -37,7 +46,16 @@ from core.settings import GatewaySettings
 from core.vocab import Decision, ReviewReason
 from gateway.errors import GatewayError
 from gateway.metrics import Metrics
-from gateway.records import DEAD_LETTERS, SPILL, RowFile, clean_row, dead_letter_record, reason_of, store_rows
+from gateway.records import (
+    DEAD_LETTERS,
+    SPILL,
+    RowFile,
+    clean_row,
+    dead_letter_record,
+    reason_of,
+    redact,
+    store_rows,
+)
 from guardrails.pii import scrub
 
 if TYPE_CHECKING:
@@ -108,6 +126,9 @@ def private(row: dict[str, Any], settings: GatewaySettings) -> dict[str, Any]:
         return row
     row = dict(row)
     document = dict(row.get("guardrail_scores") or {}) or None
+    if isinstance(row.get("error"), str):  # vLLM's and validators' messages may quote the client's text
+        row["error"] = scrub(row["error"])[0] if settings.mask_pii else row["error"]
+        row["error"] = row["error"] if settings.store_text else redact(row["error"])
     if not settings.store_text:
         row.update(dict.fromkeys((*TEXT_FIELDS, *BODY_FIELDS)))
         if document:

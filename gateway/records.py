@@ -38,6 +38,7 @@ from core.db import Request, utcnow
 log = logging.getLogger("tunegate.traffic")
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
 REPLACEMENT = "\ufffd"
+_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
 JSON_COLUMNS = ("request_json", "response_json", "guardrail_scores")
 DATETIME_COLUMNS = ("created_at",)
 LIMITS = {c.name: c.type.length for c in Request.__table__.columns if isinstance(c.type, sa.String) and c.type.length}
@@ -86,11 +87,18 @@ def is_outage(err: BaseException) -> bool:
     return not isinstance(err, StatementError | ValueError | TypeError | UnicodeError)
 
 
+def redact(text: str) -> str:
+    """`text` with every quoted fragment (where drivers and validators echo the value they refused)
+    replaced by `"…"`."""
+    return _QUOTED.sub('"…"', text)
+
+
 def reason_of(err: BaseException) -> str:
-    """A one-line reason for a refused row (the driver's message, never the statement's parameters)."""
+    """A one-line reason for a refused row: the driver's first line, quoted values redacted (never the
+    statement's parameters, never the client's text)."""
     cause = getattr(err, "orig", None) or err
     first = (str(cause).strip().splitlines() or [""])[0]
-    return f"{type(cause).__name__}: {first}"[:500]
+    return redact(f"{type(cause).__name__}: {first}")[:500]
 
 
 def store_rows(

@@ -15,8 +15,8 @@ from sqlalchemy.exc import OperationalError
 from core.db import Request, make_engine, session_factory, upgrade, utcnow
 from core.settings import GatewaySettings
 from gateway.metrics import Metrics
-from gateway.recorder import TrafficLog
-from gateway.records import DEAD_LETTERS, SPILL, clean_row
+from gateway.recorder import TrafficLog, private
+from gateway.records import DEAD_LETTERS, SPILL, clean_row, reason_of
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -147,3 +147,19 @@ def test_shutdown_keeps_its_deadline_and_spills_what_is_left(sessions, tmp_path)
 def test_clean_row_cuts_only_bounded_columns():
     cleaned = clean_row({"route": "r" * 300, "prompt_text": "p" * 300, "latency_ms": float("inf")})
     assert len(cleaned["route"]) == 200 and len(cleaned["prompt_text"]) == 300 and cleaned["latency_ms"] is None
+
+
+def test_error_texts_follow_the_privacy_settings():
+    error = "vLLM: prompt 'mail jane@example.com the tariff' is too long"
+    masked = private({"error": error}, GatewaySettings(mask_pii=True))["error"]
+    assert "jane@example.com" not in masked and "[EMAIL]" in masked
+    bare = private({"error": error}, GatewaySettings(store_text=False))["error"]
+    assert "tariff" not in bare and bare.startswith("vLLM: prompt") and bare.endswith("is too long")
+    assert private({"error": error}, GatewaySettings())["error"] == error
+
+
+def test_a_dead_letter_reason_quotes_no_value():
+    try:
+        raise ValueError('invalid input syntax for type integer: "jane@example.com"\nDETAIL: more')
+    except ValueError as err:
+        assert reason_of(err) == 'ValueError: invalid input syntax for type integer: "…"'
