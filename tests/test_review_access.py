@@ -125,3 +125,29 @@ def test_a_failed_webhook_is_logged_without_its_secret_path(sessions, caplog):  
         review.wait_for_webhooks()
     assert item_id in caplog.text and "127.0.0.1" in caplog.text
     assert "s3cr3t" not in caplog.text and "abc" not in caplog.text
+
+
+def test_concurrent_claims_by_one_reviewer_respect_the_limit(sessions):  # noqa: F811
+    review = review_service(sessions, max_leases_per_reviewer=2)
+    for n in range(8):
+        hold(review, n)
+    start_together = threading.Barrier(6)
+    claimed, refused, errors = [], [], []
+
+    def work() -> None:
+        start_together.wait()
+        try:
+            claimed.append(review.claim("alice").id)
+        except Conflict as err:
+            refused.append(err.code)
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not errors, errors
+    assert len(claimed) == 2 and refused == ["too_many_leases"] * 4
+    assert review.queue().claimed == 2

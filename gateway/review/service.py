@@ -12,7 +12,8 @@ Lifecycle of an item (`review_items.status`)::
   LOCKED`, on SQLite a conditional UPDATE whose row count decides who won. Held items come before
   sampled ones (a client is waiting for them), oldest first; a reviewer is never handed an item
   they already judged.
-* A reviewer holds at most `review.max_leases_per_reviewer` live leases; a claim beyond is refused
+* A reviewer holds at most `review.max_leases_per_reviewer` live leases (claims by one reviewer are
+  serialised: an advisory lock on PostgreSQL, a recount under the write lock on SQLite); one beyond is refused
   (`Conflict`, 409, code `too_many_leases`), so one reviewer cannot lock the queue away from the others.
 * `decide` is accepted only from the reviewer whose lease is live (else `Conflict`, 409). With
   overlap (`review.required_verdicts` = k > 1) the item goes back to the queue until it has k
@@ -46,7 +47,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import SecretStr
-from sqlalchemy import and_, case, exists, func, insert, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.db import Request, ReviewDecision, ReviewItem, session_scope, utcnow
@@ -179,13 +180,9 @@ class ReviewService:
         now = utcnow()
         lease_expires_at = now + timedelta(seconds=self.settings.lease_s)
         with session_scope(self.sessions) as session:
-            held = self._leases_held(session, reviewer, now)
-            if held >= self.settings.max_leases_per_reviewer:
-                raise Conflict(
-                    f"you already hold {held} review items (`review.max_leases_per_reviewer` = "
-                    f"{self.settings.max_leases_per_reviewer}): decide one, or let its lease run out, before claiming",
-                    "too_many_leases",
-                )
+            if session.get_bind().dialect.name == "postgresql":  # one claim per reviewer at a time
+                session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"claim:{reviewer}"})
+            self._check_leases(session, reviewer, now, 0)
             item_id = claim_next(
                 session,
                 ReviewItem,
@@ -195,6 +192,7 @@ class ReviewService:
             )
             if item_id is None:
                 return None
+            self._check_leases(session, reviewer, now, 1)  # SQLite: now that we write, no claim can race ours
             session.add(audit(reviewer, "review.claim", item_id, {"lease_expires_at": lease_expires_at}))
             item = session.get_one(ReviewItem, item_id, populate_existing=True)
             return self._public(item, self._verdict_counts(session, [item_id]))
@@ -301,14 +299,23 @@ class ReviewService:
         cutoff = now - timedelta(seconds=self.settings.hold_timeout_s)
         return or_(ReviewItem.reason != HELD, ReviewItem.created_at > cutoff)
 
-    def _leases_held(self, session: Session, reviewer: str, now: datetime) -> int:
+    def _check_leases(self, session: Session, reviewer: str, now: datetime, claiming: int) -> None:
+        """Refuse (409, rolling the claim back) when `reviewer` holds more live leases than allowed
+        (`claiming`: the one this transaction just took, counted among them)."""
         live = and_(
             ReviewItem.status == CLAIMED,
             ReviewItem.claimed_by == reviewer,
             ReviewItem.lease_expires_at > now,
             self._not_overdue(now),
         )
-        return session.scalar(select(func.count()).select_from(ReviewItem).where(live)) or 0
+        held = (session.scalar(select(func.count()).select_from(ReviewItem).where(live)) or 0) - claiming
+        limit = self.settings.max_leases_per_reviewer
+        if held >= limit:
+            raise Conflict(
+                f"you already hold {held} review items (`review.max_leases_per_reviewer` = {limit}): "
+                "decide one, or let its lease run out, before claiming",
+                "too_many_leases",
+            )
 
     @staticmethod
     def _free(now: datetime):
