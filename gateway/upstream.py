@@ -81,18 +81,23 @@ class CircuitBreaker:
 
 
 def _upstream_error(resp: httpx.Response, body: bytes) -> UpstreamError:
+    """vLLM's error answer, its status passed through: `{"error": {...}}` (newer vLLM) or the error's
+    fields at the top level (older); any other body is quoted. Only text reaches the client."""
     try:
-        err = json.loads(body).get("error", {})
-        if isinstance(err, dict):
-            return UpstreamError(
-                resp.status_code,
-                err.get("message", "vLLM error"),
-                err.get("type", "invalid_request_error"),
-                err.get("param"),
-            )
-        return UpstreamError(resp.status_code, str(err))
-    except (ValueError, AttributeError):
-        return UpstreamError(resp.status_code, body.decode(errors="replace")[:500] or "vLLM error")
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    err = document.get("error", document) if isinstance(document, dict) else None
+    if not isinstance(err, dict):
+        text = err if isinstance(err, str) else body.decode(errors="replace")
+        return UpstreamError(resp.status_code, text[:500] or "vLLM error")
+    message, type_, param = err.get("message"), err.get("type"), err.get("param")
+    return UpstreamError(
+        resp.status_code,
+        message[:2000] if isinstance(message, str) and message else "vLLM error",
+        type_ if isinstance(type_, str) and type_ else "invalid_request_error",
+        param if isinstance(param, str) else None,
+    )
 
 
 class Upstream:

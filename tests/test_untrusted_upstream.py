@@ -125,6 +125,7 @@ STREAMS = {
         GOOD_CHUNK, {"id": "x", "choices": [{"index": 0, "delta": {}, "logprobs": {"content": [{"logprob": "x"}]}}]}
     ),
     "no [DONE]": stream(GOOD_CHUNK, done=False),
+    "an error event": stream(GOOD_CHUNK, {"error": {"message": "the engine died", "type": "InternalServerError"}}),
 }
 
 
@@ -161,3 +162,23 @@ def test_a_well_formed_usage_only_chunk_is_accepted(faulty):
     assert got[-1] == DONE and all("error" not in e for e in got[:-1])
     (row, _), *_ = stored(sessions)
     assert row.status_code == 200 and row.completion_tokens == 1
+
+
+@pytest.mark.parametrize(
+    ("answer", "message"),
+    [
+        ({"error": {"message": {"nested": True}, "type": 7, "param": ["x"]}}, "vLLM error"),
+        ({"object": "error", "message": "`top_k` must be positive", "type": "BadRequestError", "code": 400}, None),
+        (["not", "an", "error"], '["not","an","error"]'),  # httpx's compact JSON, quoted
+    ],
+    ids=["fields of the wrong types", "the older top-level shape", "not an object"],
+)
+def test_an_error_answer_of_vllm_reaches_the_client_as_openai_shaped_text(faulty, answer, message):
+    client, use, vllm, _ = faulty
+    use(Plan())
+    vllm.answer = lambda request: httpx.Response(400, json=answer)
+    resp = chat(client)
+    assert resp.status_code == 400  # vLLM's own status passes through
+    error = resp.json()["error"]
+    assert isinstance(error["message"], str) and isinstance(error["type"], str) and error["param"] is None
+    assert error["message"] == (message or answer["message"])

@@ -4,9 +4,10 @@ the guardrails.
 `check_answer` and `check_chunk` accept a whole answer or one stream chunk only in the shape the OpenAI
 protocol promises (choices a list of objects with an integer `index`; a chat `message` or `delta` an
 object whose `content` is text or null; a completion's `text` text; logprobs and usage of their
-documented shapes); anything else raises `BadUpstreamAnswer` (502). `Collected` gathers what the guard
-judges: every answer the client gets, one per (prompt, choice), apart from the extra samples the plan
-asked for, and renumbers the client's choices as OpenAI does (`prompt * n + choice`).
+documented shapes); anything else, and an error event in a stream, raises `BadUpstreamAnswer` (502).
+`Collected` gathers what the guard judges: every answer the client gets, one per (prompt, choice),
+apart from the extra samples the plan asked for, and renumbers the client's choices as OpenAI does
+(`prompt * n + choice`).
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def check_answer(answer: dict, endpoint: str) -> dict:
 
 def check_chunk(chunk: dict, endpoint: str) -> dict:
     """One stream chunk, as promised (a usage-only chunk may leave out `choices`), or `BadUpstreamAnswer`."""
+    error = chunk.get("error")
+    if error is not None:  # vLLM failed mid-stream and said so in an event
+        message = error.get("message") if isinstance(error, dict) else error
+        raise BadUpstreamAnswer(f"it failed in the middle of the stream ({str(message)[:300]})")
     choices = chunk.get("choices")
     if choices is None and chunk.get("usage") is None:
         raise BadUpstreamAnswer("a stream chunk without `choices`")
