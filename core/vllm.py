@@ -40,8 +40,30 @@ def is_cpu_build() -> bool:
         return False
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """A `preexec_fn` (Linux): the child gets SIGTERM when the process that started it dies, even by
+    SIGKILL; if that parent is already gone by then, the child ends before it execs. (The kernel
+    sends it when the starting *thread* ends: start vLLM from the main thread, as `serve` does.)"""
+
+    def preexec() -> None:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent_pid:  # the parent died before prctl: no signal would ever come
+            os._exit(1)
+
+    return preexec
+
+
 class VllmServer:
-    """One vLLM OpenAI server process serving `model_path` as `served_name`; a context manager."""
+    """One vLLM OpenAI server process serving `model_path` as `served_name`; a context manager.
+
+    It lives in a session of its own and dies with the process that started it (`_die_with_parent`).
+    `command` replaces vLLM's command line (a stand-in server in tests; `model_path` is then unused)."""
 
     def __init__(
         self,
@@ -50,8 +72,10 @@ class VllmServer:
         settings: VllmSettings | None = None,
         port: int | None = None,
         log_path: Path | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.settings = settings or VllmSettings()
+        self._command = list(command) if command is not None else None  # a stand-in (tests): no model needed
         self.model_path = Path(model_path)
         self.served_name = served_name
         self.port = port or self.settings.port
@@ -64,6 +88,8 @@ class VllmServer:
         return f"http://{self.settings.host}:{self.port}"
 
     def command(self) -> list[str]:
+        if self._command is not None:
+            return list(self._command)
         s = self.settings
         return [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -89,19 +115,22 @@ class VllmServer:
         return env
 
     def start(self) -> VllmServer:
-        if not (self.model_path / "config.json").exists():
+        if self._command is None and not (self.model_path / "config.json").exists():
             raise VllmError(f"`model_path` {self.model_path} holds no config.json; run `tunegate bootstrap`")
         out = subprocess.DEVNULL
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log_file = out = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        # A new session, so that stopping the server also stops the engine processes it forks.
+        # A new session, so that stopping the server also stops the engine processes it forks; and a
+        # parent-death signal, so that a gateway killed outright (SIGKILL, OOM) takes vLLM with it
+        # instead of leaving an orphan that holds the port and the memory.
         self.proc = subprocess.Popen(
             self.command(),
             env=self.environment(),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent(os.getpid()) if sys.platform == "linux" else None,
         )
         return self
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -70,6 +71,16 @@ def install_error_handlers(app: FastAPI) -> None:
             error_body(exc.message, exc.type, exc.param, exc.code),
             status_code=exc.status_code,
             headers=exc.headers,
+        )
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+        # the database is unreachable (stopped, restarting, network): a clear 503, not a bare 500
+        return JSONResponse(
+            error_body("the database is unavailable, retry soon", "service_unavailable", code="database_unavailable"),
+            status_code=503,
+            headers={"Retry-After": "5"},
         )
 
     @app.exception_handler(RequestValidationError)
