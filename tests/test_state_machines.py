@@ -15,13 +15,16 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.requests import ClientDisconnect, Request
 
+from core.keys import Principal
 from core.settings import GatewaySettings
 from core.vocab import Decision, ReviewReason
 from gateway.deps import RateLimiter, get_completions
 from gateway.errors import UpstreamUnavailable
 from gateway.guarding import Plan
 from gateway.metrics import Metrics
+from gateway.openai.schemas import ChatCompletionRequest
 from gateway.openai.service import CompletionService
 from gateway.recorder import Recorder
 from gateway.routing import AdapterManager, Target
@@ -209,3 +212,49 @@ def test_a_hold_is_recorded_only_once_its_review_item_is_stored(adapters):
     (row, item), *others = stored(sessions)
     assert not others and item is None
     assert row.status_code == resp.status_code and row.decision is None  # not logged as a 202 `hold`
+
+
+class CountingRecorder:
+    """The recorder's two ends of a request, counted."""
+
+    def __init__(self) -> None:
+        self.in_flight, self.finished = 0, []
+
+    def begin(self) -> None:
+        self.in_flight += 1
+
+    def finish(self, ex) -> None:
+        self.in_flight -= 1
+        self.finished.append(ex)
+
+
+def test_a_live_stream_whose_client_left_before_the_first_byte_is_still_ended(tmp_path):
+    vllm, recorder = AdapterVllm(), CountingRecorder()
+
+    async def run():
+        upstream = Upstream("http://vllm.test", GatewaySettings(), transport=httpx.MockTransport(vllm))
+        manager = AdapterManager(upstream, capacity=1, metrics=Metrics())
+        guard = StubGuard(Plan(), Decision.ALLOW)
+        service = CompletionService(RateLimiter(), AdapterRouter(tmp_path), manager, upstream, guard, recorder)
+        left = asyncio.Event()
+
+        async def receive() -> dict:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            raise OSError("the connection is closed")  # how a server tells the app its client is gone
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [], "asgi": {"spec_version": "2.4"}}
+        body = ChatCompletionRequest(model="support", messages=[{"role": "user", "content": "hi"}], stream=True)
+        caller = Principal(key_id=1, name="app", role="app", requests_per_minute=None, tokens_per_minute=None)
+        response = await service.complete("chat", body, caller, Request(scope, receive), None)
+        left.set()  # the client is gone before the server sends a byte: the body never starts
+        with pytest.raises(ClientDisconnect):
+            await response(scope, receive, send)
+        await upstream.aclose()
+        return manager
+
+    manager = asyncio.run(run())
+    assert recorder.in_flight == 0 and [ex.status for ex in recorder.finished] == [499]
+    assert not manager.in_use  # the adapter is free to be unloaded again

@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+import anyio
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -83,6 +84,46 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     raise ClientDisconnected
 
 
+class StreamEnd:
+    """The end of a live stream, once: close vLLM's stream (which aborts the generation there), release
+    the adapter, record the exchange. Run by the relay when it ends, and by `LiveStream` in any case
+    (`cut`): the server may stop a response whose client left without ever finishing its body (or
+    before starting it), and then the relay does not end by itself."""
+
+    def __init__(self, service: CompletionService, ex: Exchange, events: AsyncIterator, gone: asyncio.Future):
+        self.service, self.ex, self.events, self.gone = service, ex, events, gone
+        self.ended = False
+
+    async def __call__(self, cut: bool = False) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if cut and self.ex.status == 200:
+            self.ex.status, self.ex.error = CLIENT_CLOSED, "client disconnected"
+        self.gone.cancel()
+        try:
+            with anyio.CancelScope(shield=True):  # also when the server is cancelling this request
+                await self.events.aclose()
+        finally:
+            self.service.adapters.release(self.ex.target)
+            self.service._finish(self.ex)
+
+
+class LiveStream(StreamingResponse):
+    """A streamed answer whose `end` runs however the response ends, even if its body never started."""
+
+    def __init__(self, content: AsyncIterator[bytes], end: StreamEnd, **kwargs) -> None:
+        super().__init__(content, **kwargs)
+        self.end = end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.end(cut=True)
+
+
 class CompletionService:
     """The request path of `/v1/chat/completions` and `/v1/completions`; holds only what it uses."""
 
@@ -128,8 +169,10 @@ class CompletionService:
                 return await self._buffered(ex, plan, first, events, request)
             streaming = True
             gone = asyncio.ensure_future(_wait_for_disconnect(request))
-            return StreamingResponse(
-                self._relay(ex, plan, first, events, gone),
+            end = StreamEnd(self, ex, events, gone)
+            return LiveStream(
+                self._relay(ex, plan, first, events, gone, end),
+                end,
                 media_type="text/event-stream",
                 headers={"X-Request-Id": ex.id, "Cache-Control": "no-cache"},
             )
@@ -365,6 +408,7 @@ class CompletionService:
         first: dict | str | None,
         events: AsyncIterator[dict | str],
         gone: asyncio.Future,
+        end: StreamEnd,
     ) -> AsyncIterator[bytes]:
         """Pass vLLM's events through as they come, with the alias as `model`; at the end, judge the
         answer and close an annotated stream with its risk event. `gone` completes when the client
@@ -403,12 +447,9 @@ class CompletionService:
             yield sse(error_body("The gateway failed in the middle of the answer.", "server_error"))
             yield sse(DONE)
         finally:
-            gone.cancel()
-            await events.aclose()
             if ex.answer is None:
                 ex.answer = collected.text
-            self.adapters.release(ex.target)
-            self._finish(ex)
+            await end()
 
     def _finish(self, ex: Exchange) -> None:
         """Charge the tokens to the key, and hand the exchange to the recorder (row and metrics)."""
