@@ -142,7 +142,7 @@ def vllm_faults(work: Path, guardrails: bool = True) -> dict:
         logged = []
     finally:
         procs.stop_all()
-    return _outcome(failed, requests=sent, logged_statuses=logged)
+    return _outcome(failed, requests=sent, logged_statuses=logged, lost_records=max(0, sent - len(logged)))
 
 
 def postgres_outage(
@@ -153,6 +153,7 @@ def postgres_outage(
     failed: list[str] = []
     statuses: list[int] = []
     unclear: list[str] = []
+    lost: int | None = None
     procs = Processes(work)
     proxy: TcpProxy | None = None
     try:
@@ -194,6 +195,7 @@ def postgres_outage(
             reader = Gateway(gw.url, gw.key, direct, gw.proc)
             if not _wait(lambda: reader.logged().count(200) >= answered, 60, 0.5):
                 failed.append(f"traffic log holds {reader.logged().count(200)} of {answered} answered requests")
+            lost = max(0, answered - reader.logged().count(200))
             if gw.post(chat("hello")).status_code != 200:
                 failed.append("no recovery after the database came back")
             if unclear:
@@ -208,7 +210,7 @@ def postgres_outage(
         procs.stop_all()
     return _outcome(
         failed, outage_s=outage_s, requests=len(statuses), answered=statuses.count(200),
-        refused_503=statuses.count(503),
+        refused_503=statuses.count(503), lost_records=lost,
     )  # fmt: skip
 
 

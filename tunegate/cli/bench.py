@@ -116,3 +116,23 @@ def bench_guard(
     emit(result, json_out)
     if not json_out:
         Console().print(f"plot: {result['plot']}")
+
+
+@bench_app.command("reliability")
+def bench_reliability(
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/reliability"),
+    soak_minutes: Annotated[float, typer.Option(help="Minutes of steady load (10 for the full soak).")] = 0.25,
+    soak_rate: Annotated[float, typer.Option(help="Requests per second during the soak.")] = 10.0,
+    outage_s: Annotated[float, typer.Option(help="Seconds PostgreSQL is unreachable (30 for the full run).")] = 5.0,
+    no_postgres: Annotated[bool, typer.Option("--no-postgres", help="Skip the database outage.")] = False,
+) -> None:
+    """Hostile requests, authorization probes, injected faults and a soak through the gateway (mock vLLM)."""
+    from bench.reliability import run
+
+    if soak_minutes <= 0 or soak_rate <= 0 or outage_s < 0:
+        raise fail("--soak-minutes and --soak-rate must be positive, --outage-s not negative")
+    result = run(out, soak_minutes, soak_rate, outage_s, postgres=not no_postgres)
+    emit({k: v for k, v in result.items() if k != "fault_details"}, json_out)
+    if not json_out:
+        Console().print(f"plot: {result['plot']}")
