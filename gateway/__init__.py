@@ -21,5 +21,6 @@ The path of one chat completion, one way through, in 8 of our files (plus `core`
 8. `gateway/review/service.py`  a held or sampled answer stored with its review item
 
 Declarations the path uses without a step of their own: `gateway/openai/schemas.py` (request models),
+`gateway/openai/answers.py` (the shape checks of vLLM's answers),
 `gateway/errors.py` (OpenAI-shaped errors), `gateway/metrics.py` (the Prometheus registry).
 """

@@ -19,8 +19,9 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
+from sqlalchemy import select
 
-from core.db import make_engine, session_factory, session_scope, upgrade, utcnow
+from core.db import Example, make_engine, session_factory, session_scope, upgrade, utcnow
 from core.keys import create_key
 from core.settings import load_settings
 from gateway.app import create_app
@@ -32,6 +33,12 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 SCREENSHOT = REPO / "bench" / "out" / "review" / "page.png"
 ANSWER = "Tariff T896 is available in Leeds and York, with a fixed price until 2027."
 FIXED = "Tariff T896 is available in Leeds only, with a fixed price until 2027."
+# Turns before the question: the reviewer must see them, since the training example carries them.
+CONVERSATION = [
+    {"role": "system", "content": "You are Northwind Energy's tariff assistant. Answer in one sentence."},
+    {"role": "user", "content": "Hello, I have a question about a tariff."},
+    {"role": "assistant", "content": "Of course: which tariff?"},
+]
 
 
 @pytest.fixture
@@ -76,8 +83,8 @@ def gateway(tmp_path):
         "route": "support",
         "endpoint": "chat",
         "status_code": 202,
-        "request_json": {"model": "support", "messages": [{"role": "user", "content": question}]},
-        "prompt_text": f"user: {question}",
+        "request_json": {"model": "support", "messages": CONVERSATION + [{"role": "user", "content": question}]},
+        "prompt_text": "\n".join(f"{m['role']}: {m['content']}" for m in CONVERSATION) + f"\nuser: {question}",
         "answer_text": ANSWER,
         "risk": 0.78,
         "decision": "hold",
@@ -90,7 +97,8 @@ def gateway(tmp_path):
         unsupported_spans=[(start, start + len(" and York"))],
     )
     with ServerThread(create_app(settings)) as server:
-        yield {"url": server.url, "app_key": app_key, "reviewer_key": reviewer_key, "item_id": item_id}
+        yield {"url": server.url, "app_key": app_key, "reviewer_key": reviewer_key, "item_id": item_id,
+               "sessions": sessions}  # fmt: skip
 
 
 def press(driver, *keys) -> None:
@@ -116,6 +124,8 @@ def test_a_reviewer_corrects_a_held_answer_from_the_page(browser, gateway):
     assert browser.find_element(By.CSS_SELECTOR, "#answer mark").text.strip() == "and York"
     assert "Leeds" in browser.find_element(By.ID, "context").text
     assert "risk 0.78" in browser.find_element(By.ID, "scores").text
+    shown = browser.find_element(By.ID, "conversation")
+    assert shown.is_displayed() and all(turn["content"] in shown.text for turn in CONVERSATION)
 
     press(browser, "e")  # edit: the textarea opens with the answer in it, focused
     corrected = wait.until(ec.visibility_of_element_located((By.ID, "corrected")))
@@ -135,6 +145,9 @@ def test_a_reviewer_corrects_a_held_answer_from_the_page(browser, gateway):
     )
     assert outcome.status_code == 200
     assert (outcome.json()["verdict"], outcome.json()["answer"]) == ("edit", FIXED)
+    with session_scope(gateway["sessions"]) as session:  # trained on: exactly the turns the page showed
+        [trained] = session.scalars(select(Example.messages)).all()
+    assert trained[:3] == CONVERSATION and trained[-1] == {"role": "assistant", "content": FIXED}
 
     press(browser, "n")  # nothing left
     wait.until(ec.text_to_be_present_in_element((By.ID, "message"), "queue is empty"))
