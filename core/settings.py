@@ -180,6 +180,25 @@ class RouteSettings(_Section):
         return self
 
 
+class LimitSettings(_Section):
+    """What one request may ask of the gateway; past a limit it is refused (400, or 413 for sizes) before any
+    work is done on it."""
+
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body, counted while it is read (chunked too): 413 past it."
+    )
+    max_messages: int = Field(256, ge=1, description="Most `messages` in one chat request.")
+    max_model_chars: int = Field(256, ge=1, description="Longest `model` name a client may send.")
+    max_user_header_chars: int = Field(256, ge=1, description="Longest `X-TuneGate-User` header.")
+    max_context_chars: int = Field(
+        200_000, ge=1, description="Longest grounding text (`context` or `documents`, all of it): 413 past it."
+    )
+    max_context_sentences: int = Field(
+        2_000, ge=1, description="Most sentences in the grounding text (the guard scores each one)."
+    )
+    max_documents: int = Field(64, ge=1, description="Most items in `documents` (or a `context` list).")
+
+
 class GatewaySettings(_Section):
     host: str = Field("127.0.0.1", description="Address the gateway binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the gateway.")
@@ -206,6 +225,12 @@ class GatewaySettings(_Section):
     background_tasks: bool = Field(True, description="Run the loop's background work (retention, jobs).")
     metrics_public: bool = Field(True, description="Serve `/metrics` without a key (for Prometheus).")
     key_cache_s: float = Field(5.0, ge=0, description="How long a key lookup is cached (revocation delay).")
+    key_cache_size: int = Field(10_000, ge=1, description="Most known keys cached (least recently used go).")
+    key_negative_cache_s: float = Field(
+        1.0, ge=0, description="How long an unknown key's miss is cached (at most `key_cache_s`)."
+    )
+    key_negative_cache_size: int = Field(1_000, ge=1, description="Most unknown keys cached (oldest go).")
+    limits: LimitSettings = Field(default_factory=LimitSettings, description="What one request may ask.")
 
 
 class Settings(BaseSettings):

@@ -28,6 +28,7 @@ from core.vocab import ReviewStatus
 from gateway.deps import KeyRing, MetricsAccess, MetricsDep, RateLimiter, Services, Sessions, get_upstream
 from gateway.errors import install_error_handlers
 from gateway.guarding import GuardService
+from gateway.limits import BodyLimit
 from gateway.metrics import Metrics
 from gateway.openai.router import router as openai_router
 from gateway.openai.service import CompletionService
@@ -131,6 +132,7 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
 
     app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.gateway.limits.max_body_bytes)
     app.include_router(openai_router)
     app.include_router(review_router)
 

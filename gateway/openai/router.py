@@ -1,4 +1,5 @@
-"""Routes of the OpenAI API; thin on purpose: authenticate (role `app`), validate, hand to the service.
+"""Routes of the OpenAI API; thin on purpose: authenticate (role `app`), validate, check the request's caps
+(`gateway.limits`), hand to the service.
 
 Each route is handed only what it uses: the caller, and the `CompletionService` (`Completions`) or
 the `Router` (`Models`), by the providers in `gateway.deps`.
@@ -11,7 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 
-from gateway.deps import AppCaller, get_completions, get_router
+from gateway.deps import AppCaller, GatewayConfig, get_completions, get_router
+from gateway.limits import check_request
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from gateway.openai.service import CompletionService
 from gateway.routing import Router
@@ -25,15 +27,27 @@ STARTED = int(time.time())
 
 @router.post("/chat/completions", summary="Chat completion (roles: app, admin)")
 async def chat_completions(
-    body: ChatCompletionRequest, caller: AppCaller, completions: Completions, request: Request, user: UserHeader = None
+    body: ChatCompletionRequest,
+    caller: AppCaller,
+    completions: Completions,
+    settings: GatewayConfig,
+    request: Request,
+    user: UserHeader = None,
 ) -> Response:
+    check_request(body, user, settings.limits)
     return await completions.complete("chat", body, caller, request, user)
 
 
 @router.post("/completions", summary="Text completion (roles: app, admin)")
 async def completions(
-    body: CompletionRequest, caller: AppCaller, completions: Completions, request: Request, user: UserHeader = None
+    body: CompletionRequest,
+    caller: AppCaller,
+    completions: Completions,
+    settings: GatewayConfig,
+    request: Request,
+    user: UserHeader = None,
 ) -> Response:
+    check_request(body, user, settings.limits)
     return await completions.complete("completions", body, caller, request, user)
 
 

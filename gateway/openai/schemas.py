@@ -3,15 +3,43 @@
 The fields the gateway reads or checks are typed and validated here (bad values are 400s in
 OpenAI's error shape); everything else a client sends (`top_p`, `response_format`, `tools`,
 vLLM's own extras) is kept on purpose (`extra="allow"`) and forwarded to vLLM unchanged.
+
+What no one can forward, store or score is refused in every field, known or extra (`plain_json`):
+NaN and +-Infinity (not JSON), lone surrogates (not Unicode: no encoder writes them), NUL characters
+(PostgreSQL's text cannot hold them) and nesting deeper than `MAX_DEPTH`. The caps that are settings
+(sizes and counts) are checked by `gateway.limits`.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.io import last_user_text
+
+MAX_DEPTH = 32
+_UNWRITABLE = re.compile("[\\x00\\ud800-\\udfff]")
+
+
+def plain_json(value: Any) -> None:
+    """Raise `ValueError` when `value` holds what JSON or UTF-8 cannot carry, or nests deeper than `MAX_DEPTH`."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("NaN and Infinity are not JSON numbers")
+        if isinstance(item, str) and _UNWRITABLE.search(item):
+            raise ValueError("a string holds a NUL character or a lone surrogate (not valid UTF-8 text)")
+        if isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                raise ValueError(f"the request nests deeper than {MAX_DEPTH} levels")
+            if isinstance(item, dict):
+                stack.extend((k, depth) for k in item)
+                item = item.values()
+            stack.extend((v, depth + 1) for v in item)
 
 
 class ChatMessage(BaseModel):
@@ -40,6 +68,12 @@ class _GenerationParams(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     user: str | None = Field(None, max_length=200)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_json(cls, data: Any) -> Any:
+        plain_json(data)
+        return data
 
     @field_validator("stop")
     @classmethod
