@@ -72,7 +72,7 @@ class Gateway:
 
 def start_gateway(
     procs: Processes, var_dir: Path, vllm_url: str, db_url: str | None = None, gateway: dict | None = None,
-    guardrails: bool = True, key_db_url: str | None = None,
+    guardrails: bool = True, key_db_url: str | None = None, env: dict[str, str] | None = None,
 ) -> Gateway:  # fmt: skip
     """`gateway.app:create_app` under uvicorn in its own process, like `tunegate serve` runs it; the
     database migrated and a key made first (through `key_db_url`, when the gateway's URL is a proxy)."""
@@ -86,6 +86,7 @@ def start_gateway(
     engine.dispose()
     port = free_port()
     env = {
+        **(env or {}),
         "TUNEGATE_VAR_DIR": str(var_dir),
         "TUNEGATE_DATABASE__URL": db_url,
         "TUNEGATE_VLLM__URL": vllm_url,

@@ -6,6 +6,8 @@ says what survived: `{"survived": True, ...}`, or `{"survived": False, "failed":
                      accepted request in the traffic log
 * `postgres_outage`  PostgreSQL unreachable (a TCP proxy in front of it is killed) under load:
                      requests still served or refused clearly, every answered request logged after
+* `review_outage`    a reviewer decides while PostgreSQL is unreachable: a clear 503, the retried
+                     decision lands once it is back, none accepted before is lost
 * `worker_lease`     a worker SIGKILLed while it holds a job's lease: another claims it after the
                      lease expires, the job is done once, the dead worker's claim is void
 * `registry_enospc`  the disk fills (ENOSPC) while an adapter is published: no half adapter visible,
@@ -377,3 +379,68 @@ def _port_free(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex((HOST, port)) != 0
+
+
+def review_outage(work: Path, db_url: str | None = None) -> dict:
+    """A reviewer decides while PostgreSQL is unreachable: a clear 503 (not a 500, not a silent
+    success), and once the database is back the retried decision lands and the held client gets it;
+    a decision accepted before the outage is still there after."""
+    from core.db import make_engine, session_factory, session_scope
+    from core.keys import create_key
+
+    failed: list[str] = []
+    procs = Processes(work)
+    proxy: TcpProxy | None = None
+    try:
+        with contextlib.nullcontext(sa.make_url(db_url)) if db_url else temp_postgres() as url:
+            proxy = TcpProxy(url.host or HOST, url.port or 5432).up()
+            direct = url.render_as_string(hide_password=False)
+            port = free_port()
+            start_upstream(procs, port)
+            hold_all = {"TUNEGATE_GUARDRAILS__POLICY__ANNOTATE_AT": "0", "TUNEGATE_GUARDRAILS__POLICY__HOLD_AT": "0"}
+            gw = start_gateway(
+                procs,
+                work / "var",
+                f"http://{HOST}:{port}",
+                key_db_url=direct,
+                env=hold_all,
+                db_url=url.set(host=HOST, port=proxy.port).render_as_string(hide_password=False),
+            )  # every answer is held for review
+            engine = make_engine(direct)
+            with session_scope(session_factory(engine)) as session:
+                reviewer = {"Authorization": f"Bearer {create_key(session, 'reviewer', 'reviewer')[0]}"}
+            engine.dispose()
+            held = [gw.post(chat(f"question {i}")) for i in range(2)]
+            if [r.status_code for r in held] != [202, 202]:
+                return _outcome([f"answers were not held: {[(r.status_code, r.text[:100]) for r in held]}"])
+            polls = [gw.url + r.json()["poll"] for r in held]
+
+            def decide(verdict: str = "approve") -> httpx.Response:
+                claimed = httpx.post(gw.url + "/v1/review/claim", headers=reviewer, timeout=30)
+                if claimed.status_code != 200:
+                    return claimed
+                item = claimed.json()["id"]
+                body = {"verdict": verdict, "reason": "checked"}
+                return httpx.post(f"{gw.url}/v1/review/items/{item}/decision", json=body, headers=reviewer, timeout=30)
+
+            if (first := decide()).status_code != 200:
+                failed.append(f"the decision before the outage: {first.status_code} {first.text[:200]}")
+            proxy.down()
+            if problem := _clear_error(decide(), (503,)):
+                failed.append(f"a decision while the database is down: {problem}")
+            if problem := _clear_error(httpx.get(polls[1], headers=gw.headers, timeout=30), (503,)):
+                failed.append(f"a held client polling while the database is down: {problem}")
+            proxy.up()
+            if not _wait(lambda: decide().status_code == 200, 30, 0.5):
+                failed.append("the retried decision did not land after the database came back")
+            for poll in polls:
+                outcome = httpx.get(poll, headers=gw.headers, timeout=30)
+                if outcome.status_code != 200 or outcome.json().get("verdict") != "approve":
+                    failed.append(f"decision lost: {poll} -> {outcome.status_code} {outcome.text[:200]}")
+    except Exception as err:
+        failed.append(f"{type(err).__name__}: {err}")
+    finally:
+        if proxy is not None:
+            proxy.close()
+        procs.stop_all()
+    return _outcome(failed)

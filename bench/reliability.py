@@ -2,8 +2,8 @@
 all against real gateway processes in front of a stand-in vLLM (`bench.fault_upstream`, the mock
 upstream `bench.mock_upstream` for the soak), guardrails on.
 
-Prints one JSON object (and writes `reliability.json` and `reliability.png`, latency and resident
-memory over the soak, to `--out`):
+Prints one JSON object (and writes `reliability.json`, `reliability.png`, latency and resident
+memory over the soak, and the soak's raw `soak_samples.json` to `--out`):
 
 * `hostile_cases`, `server_errors`, `stalls`, `authz_violations`  `bench.soak.probe`'s small corpus
 * `fuzz_cases`  null: no fuzzing helper to import yet (`fuzz_note` says so)
@@ -51,6 +51,7 @@ def run_faults(work: Path, outage_s: float, postgres: bool) -> dict[str, dict]:
     }
     if postgres:
         plan["postgres_outage"] = lambda d: faults.postgres_outage(d, outage_s=outage_s)
+        plan["review_during_outage"] = lambda d: faults.review_outage(d)
     results = {}
     for name, fault in plan.items():
         _say(f"fault: {name}")
@@ -124,7 +125,7 @@ def run(
     }
     verdicts["training_killed"] = TRAINING_KILL
     if not postgres:
-        verdicts["postgres_outage"] = "not run (--no-postgres)"
+        verdicts["postgres_outage"] = verdicts["review_during_outage"] = "not run (--no-postgres)"
     result = {
         "benchmark": "reliability",
         "fuzz_cases": None,
@@ -143,6 +144,7 @@ def run(
         **soak_summary(soaked),
         "settings": {"soak_minutes": soak_minutes, "soak_rate": rate, "outage_s": outage_s},
     }
+    atomic_write_bytes(out / "soak_samples.json", json.dumps(soaked).encode())  # to plot or summarize again
     result["plot"] = str(plot(soaked, out / "reliability.png"))
     result["json"] = str(out / "reliability.json")
     atomic_write_bytes(out / "reliability.json", (json.dumps(result, indent=2) + "\n").encode())

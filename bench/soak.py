@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from statistics import median
 
 import httpx
 
@@ -157,21 +158,21 @@ def _p99(latencies: list[float]) -> float | None:
 
 def soak_summary(run: dict) -> dict:
     """Errors, RSS growth and the p99 of the first and the last window (a minute, or a fifth of a
-    shorter run); the memory of the first window is the baseline (imports and caches settle there)."""
+    shorter run); RSS growth compares the medians of the two windows' samples."""
     seconds, requests, rss = run["seconds"], run["requests"], run["rss"]
     window = min(60.0, seconds / 5)
     first = [ms for at, ms, status in requests if at < window and status == 200]
     last = [ms for at, ms, status in requests if at >= seconds - window and status == 200]
     base = [b for at, b in rss if at <= window and b] or [b for _, b in rss if b]
     end = [b for at, b in rss if at >= seconds - window and b] or [b for _, b in rss if b]
-    growth = (max(end) - max(base)) / max(base) if base and end else None
+    growth = (median(end) - median(base)) / median(base) if base and end else None
     p99_first, p99_last = _p99(first), _p99(last)
     return {
         "soak_requests": len(requests),
         "soak_errors": sum(1 for *_, status in requests if status != 200),
         "soak_rss_growth": None if growth is None else round(growth, 4),
-        "soak_rss_mib_first": round(max(base) / 2**20, 1) if base else None,
-        "soak_rss_mib_last": round(max(end) / 2**20, 1) if end else None,
+        "soak_rss_mib_first": round(median(base) / 2**20, 1) if base else None,
+        "soak_rss_mib_last": round(median(end) / 2**20, 1) if end else None,
         "soak_p99_ms_first": p99_first,
         "soak_p99_ms_last": p99_last,
         "soak_p99_ratio": round(p99_last / p99_first, 3) if p99_first and p99_last else None,

@@ -85,3 +85,10 @@ def test_postgres_down_under_load_loses_no_answered_request(tmp_path, postgres_d
     outcome = faults.postgres_outage(tmp_path, outage_s=6.0, rate=5.0, db_url=postgres_database)
     _assert_survived(outcome)
     assert outcome["answered"] > 0
+
+
+def test_a_review_decision_while_postgres_is_down_is_refused_clearly_and_lands_after(tmp_path, postgres_database):
+    from .conftest import reset_postgres_schema
+
+    reset_postgres_schema(postgres_database)
+    _assert_survived(faults.review_outage(tmp_path, db_url=postgres_database))
