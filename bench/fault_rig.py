@@ -206,3 +206,16 @@ def temp_postgres(server_url: str | None = None) -> Iterator[sa.URL]:
             yield sa.make_url(candidate).set(drivername="postgresql+psycopg", database=name)
         finally:
             admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def proxied_postgres(db_url: str | None = None) -> Iterator[tuple[TcpProxy, str, str]]:
+    """A `TcpProxy` in front of the PostgreSQL database `db_url` (or one made for the run): the proxy,
+    the database's own URL and its URL through the proxy."""
+    with contextlib.nullcontext(sa.make_url(db_url)) if db_url else temp_postgres() as url:
+        proxy = TcpProxy(url.host or HOST, url.port or 5432).up()
+        try:
+            via_proxy = url.set(host=HOST, port=proxy.port).render_as_string(hide_password=False)
+            yield proxy, url.render_as_string(hide_password=False), via_proxy
+        finally:
+            proxy.close()

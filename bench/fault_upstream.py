@@ -14,7 +14,7 @@ import argparse
 import asyncio
 import json
 
-from bench.mock_upstream import completion
+from bench.mock_upstream import _read_body, _send, completion
 
 SLOW_S = 30.0
 STALL_S = 3600.0
@@ -24,22 +24,6 @@ def _chunk(model: str, text: str | None, finish: str | None = None) -> bytes:
     choice = {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, "finish_reason": finish}
     body = {"id": "chatcmpl-fault", "object": "chat.completion.chunk", "model": model, "choices": [choice]}
     return f"data: {json.dumps(body)}\n\n".encode()
-
-
-async def _body(receive) -> bytes:
-    parts, more = [], True
-    while more:
-        message = await receive()
-        parts.append(message.get("body", b""))
-        more = message.get("more_body", False)
-    return b"".join(parts)
-
-
-async def _json(send, status: int, payload: dict) -> None:
-    body = json.dumps(payload).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
 
 
 async def _stream(send, model: str, mode: str) -> None:
@@ -57,22 +41,14 @@ async def _stream(send, model: str, mode: str) -> None:
 
 
 async def app(scope, receive, send) -> None:
-    if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
-    if scope["type"] != "http":
+    if scope["type"] != "http":  # served with lifespan="off"
         return
     path, method = scope["path"].rstrip("/"), scope["method"]
-    raw = await _body(receive)
+    raw = await _read_body(receive)
     if method == "GET" and path == "/v1/models":
-        await _json(send, 200, {"object": "list", "data": [{"id": "base", "object": "model", "owned_by": "fault"}]})
+        await _send(send, 200, {"object": "list", "data": [{"id": "base", "object": "model", "owned_by": "fault"}]})
     elif method == "POST" and path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
-        await _json(send, 200, {"status": "ok"})
+        await _send(send, 200, {"status": "ok"})
     elif method == "POST" and path == "/v1/chat/completions":
         request = json.loads(raw or b"{}")
         users = [m for m in request.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
@@ -83,9 +59,9 @@ async def app(scope, receive, send) -> None:
             return
         if mode in ("slow", "stall"):
             await asyncio.sleep(SLOW_S if mode == "slow" else STALL_S)
-        await _json(send, 200, completion(model))
+        await _send(send, 200, completion(model))
     else:
-        await _json(send, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
+        await _send(send, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=18001)
     args = parser.parse_args(argv)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, lifespan="off")
 
 
 if __name__ == "__main__":

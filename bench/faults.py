@@ -19,7 +19,6 @@ Imports `bench`, `core` and `training` (the registry).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -32,9 +31,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
-import sqlalchemy as sa
 
-from bench.fault_rig import HOST, Gateway, TcpProxy, chat, start_gateway, start_upstream, temp_postgres
+from bench.fault_rig import HOST, Gateway, chat, proxied_postgres, start_gateway, start_upstream
 from bench.gateway_harness import Processes
 from core.io import free_port
 
@@ -157,12 +155,8 @@ def postgres_outage(
     unclear: list[str] = []
     lost: int | None = None
     procs = Processes(work)
-    proxy: TcpProxy | None = None
     try:
-        with contextlib.nullcontext(sa.make_url(db_url)) if db_url else temp_postgres() as url:
-            proxy = TcpProxy(url.host or HOST, url.port or 5432).up()
-            via_proxy = url.set(host=HOST, port=proxy.port).render_as_string(hide_password=False)
-            direct = url.render_as_string(hide_password=False)
+        with proxied_postgres(db_url) as (proxy, direct, via_proxy):
             port = free_port()
             start_upstream(procs, port)
             gw = start_gateway(
@@ -207,8 +201,6 @@ def postgres_outage(
     except Exception as err:
         failed.append(f"{type(err).__name__}: {err}")
     finally:
-        if proxy is not None:
-            proxy.close()
         procs.stop_all()
     return _outcome(
         failed, outage_s=outage_s, requests=len(statuses), answered=statuses.count(200),
@@ -390,11 +382,8 @@ def review_outage(work: Path, db_url: str | None = None) -> dict:
 
     failed: list[str] = []
     procs = Processes(work)
-    proxy: TcpProxy | None = None
     try:
-        with contextlib.nullcontext(sa.make_url(db_url)) if db_url else temp_postgres() as url:
-            proxy = TcpProxy(url.host or HOST, url.port or 5432).up()
-            direct = url.render_as_string(hide_password=False)
+        with proxied_postgres(db_url) as (proxy, direct, via_proxy):
             port = free_port()
             start_upstream(procs, port)
             hold_all = {"TUNEGATE_GUARDRAILS__POLICY__ANNOTATE_AT": "0", "TUNEGATE_GUARDRAILS__POLICY__HOLD_AT": "0"}
@@ -404,7 +393,7 @@ def review_outage(work: Path, db_url: str | None = None) -> dict:
                 f"http://{HOST}:{port}",
                 key_db_url=direct,
                 env=hold_all,
-                db_url=url.set(host=HOST, port=proxy.port).render_as_string(hide_password=False),
+                db_url=via_proxy,
             )  # every answer is held for review
             engine = make_engine(direct)
             with session_scope(session_factory(engine)) as session:
@@ -440,7 +429,5 @@ def review_outage(work: Path, db_url: str | None = None) -> dict:
     except Exception as err:
         failed.append(f"{type(err).__name__}: {err}")
     finally:
-        if proxy is not None:
-            proxy.close()
         procs.stop_all()
     return _outcome(failed)

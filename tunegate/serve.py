@@ -2,8 +2,11 @@
 
 Order matters: the database is migrated and vLLM is ready before the gateway accepts a request;
 on shutdown uvicorn stops accepting, finishes requests in flight and runs the gateway's lifespan
-exit (which writes every queued traffic-log row), and only then is vLLM stopped. The gateway is
-named by string (`gateway.app:create_app`): the spine never imports it.
+exit (which writes every queued traffic-log row), and only then is vLLM stopped. Killed outright
+(SIGKILL, the OOM killer), this process cannot stop vLLM itself: the kernel sends vLLM SIGTERM
+(`core.vllm`'s parent-death signal, set when it was started from this, the main, thread), so no
+orphan keeps the port and the memory. The gateway is named by string (`gateway.app:create_app`):
+the spine never imports it.
 """
 
 from __future__ import annotations
