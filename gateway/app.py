@@ -70,7 +70,13 @@ def build_services(settings: Settings, transport=None) -> Services:
         traffic=traffic,
         metrics=metrics,
         review=review,
-        keys=KeyRing(sessions, gw.key_cache_s),
+        keys=KeyRing(
+            sessions,
+            gw.key_cache_s,
+            size=gw.key_cache_size,
+            negative_ttl_s=gw.key_negative_cache_s,
+            negative_size=gw.key_negative_cache_size,
+        ),
         completions=completions,
     )
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated
 
@@ -101,19 +103,40 @@ GatewayConfig = Annotated[GatewaySettings, Depends(get_gateway_settings)]
 @dataclass
 class KeyRing:
     """API key -> principal, looked up by hash in the database and cached for `ttl_s` seconds (a revoked
-    key stops working within that time)."""
+    key stops working within that time). Bounded: at most `size` known keys (least recently used go),
+    and at most `negative_size` unknown keys for the shorter `negative_ttl_s` (oldest go), so keys an
+    attacker makes up cannot grow the process."""
 
     sessions: sessionmaker
     ttl_s: float
-    cache: dict[str, tuple[float, Principal | None]] = field(default_factory=dict)
+    size: int = 10_000
+    negative_ttl_s: float = 1.0
+    negative_size: int = 1_000
+    clock: Callable[[], float] = time.monotonic
+    cache: OrderedDict[str, tuple[float, Principal]] = field(default_factory=OrderedDict)
+    misses: OrderedDict[str, float] = field(default_factory=OrderedDict)
 
     async def principal(self, key: str) -> Principal | None:
-        digest = hash_key(key)
-        cached = self.cache.get(digest)
-        now = time.monotonic()
-        if cached is None or now - cached[0] > self.ttl_s:
-            cached = self.cache[digest] = (now, await asyncio.to_thread(self._find, key))
-        return cached[1]
+        digest, now = hash_key(key), self.clock()
+        hit = self.cache.get(digest)
+        if hit is not None and now - hit[0] <= self.ttl_s:
+            self.cache.move_to_end(digest)
+            return hit[1]
+        missed = self.misses.get(digest)
+        if missed is not None and now - missed <= min(self.negative_ttl_s, self.ttl_s):
+            return None
+        found = await asyncio.to_thread(self._find, key)
+        self.cache.pop(digest, None)
+        self.misses.pop(digest, None)
+        if found is None:
+            self.misses[digest] = now
+            while len(self.misses) > self.negative_size:
+                self.misses.popitem(last=False)
+        else:
+            self.cache[digest] = (now, found)
+            while len(self.cache) > self.size:
+                self.cache.popitem(last=False)
+        return found
 
     def _find(self, key: str) -> Principal | None:
         with self.sessions() as session:
