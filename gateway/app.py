@@ -42,6 +42,7 @@ log = logging.getLogger("tunegate.gateway")
 Vllm = Annotated[Upstream, Depends(get_upstream)]
 RETENTION_EVERY_S = 3600
 HOUSEKEEPING_EVERY_S = 15
+REVIEW_DEPTH_EVERY_S = 5
 
 
 def build_services(settings: Settings, transport=None) -> Services:
@@ -81,15 +82,28 @@ def build_services(settings: Settings, transport=None) -> Services:
     )
 
 
-def _review_queue_depth(services: Services):
-    def depth() -> float:
+class ReviewQueueDepth:
+    """The review queue's depth for `/metrics`, counted in the database off the event loop (a worker
+    thread), at most once per `every_s` however often Prometheus (or anyone) scrapes."""
+
+    def __init__(self, services: Services, every_s: float = REVIEW_DEPTH_EVERY_S) -> None:
+        self.services, self.every_s = services, every_s
+        self.counted_at: float | None = None
+        self.lock = asyncio.Lock()
+
+    def _count(self) -> float:
         try:
-            with services.sessions() as session:
+            with self.services.sessions() as session:
                 return float(session.scalar(select(func.count()).where(ReviewItem.status == ReviewStatus.PENDING)) or 0)
         except Exception:  # a scrape must not fail because the database blinked
             return float("nan")
 
-    return depth
+    async def refresh(self) -> None:
+        async with self.lock:  # concurrent scrapes share one count
+            if self.counted_at is not None and time.monotonic() - self.counted_at < self.every_s:
+                return
+            self.services.metrics.review_queue.set(await asyncio.to_thread(self._count))
+            self.counted_at = time.monotonic()
 
 
 async def _housekeeping(services: Services) -> None:
@@ -120,7 +134,8 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
         # process: move it out of the collector's sight, so full collections stay short pauses.
         gc.collect()
         gc.freeze()
-        services.metrics.watch_review_queue(_review_queue_depth(services))
+        services.metrics.serve_routes(name for name, _ in services.router.model_names())
+        app.state.review_depth = ReviewQueueDepth(services)
         services.traffic.start()
         app.state.services = services
         retention = None
@@ -162,6 +177,7 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics (no key when `metrics_public`)")
     async def metrics(_: MetricsAccess, vllm: Vllm, metrics: MetricsDep) -> Response:
         metrics.circuit_open.set(1 if vllm.breaker.is_open else 0)
+        await app.state.review_depth.refresh()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
