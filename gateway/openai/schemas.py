@@ -55,8 +55,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+_TEXTS = {
+    "type": "array",
+    "items": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}}}]},
+}
+
+
+def _grounding_in_schema(schema: dict[str, Any]) -> None:
+    """`context` and `documents` stay extras (the guard reads them, vLLM never sees them), documented here."""
+    schema.setdefault("properties", {}).update(
+        {
+            "context": {
+                "anyOf": [{"type": "string"}, _TEXTS],
+                "description": "Grounding text the answer is checked against (tunegate; never sent to vLLM).",
+            },
+            "documents": _TEXTS | {"description": "Grounding documents: texts or {text} objects (tunegate)."},
+        }
+    )
+
+
 class _GenerationParams(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_grounding_in_schema)
 
     model: str = Field(min_length=1)
     stream: bool = False

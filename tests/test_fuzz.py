@@ -1,0 +1,96 @@
+"""Property-based fuzzing of every endpoint, generated from the gateway's own OpenAPI schema
+(schemathesis, on hypothesis): valid and invalid requests alike never get a 5xx, and every error is
+in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`.
+
+The app runs in-process (Starlette's test client) over a mock vLLM (an `httpx.MockTransport` answering
+as `bench.mock_upstream` does), with an admin key, which passes every role check, so generated requests
+reach the handlers. The run is small and the same every time: `EXAMPLES` cases per operation and
+generation mode, `derandomize=True`, no example database.
+"""
+
+from __future__ import annotations
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+
+from core.db import session_scope
+from core.keys import create_key
+from gateway.app import create_app
+from tests.test_hostile import ERROR_KEYS, gateway
+
+EXAMPLES = 40
+CASES: list[tuple[str, str, str, int]] = []  # (method, path, mode, status) of every case sent
+
+
+def _operations():
+    from core.settings import load_settings
+
+    app = create_app(load_settings(None, vllm={"url": "http://vllm.test"}))
+    schema = schemathesis.openapi.from_dict(app.openapi())
+    return [result.ok() for result in schema.get_all_operations()]
+
+
+OPERATIONS = _operations()
+
+
+@pytest.fixture(scope="module")
+def admin_client(tmp_path_factory):
+    with gateway(tmp_path_factory.mktemp("fuzz")) as (client, _):
+        with session_scope(client.app.state.services.sessions) as session:
+            key = create_key(session, "fuzz-admin", "admin")[0]
+        yield client, {"Authorization": f"Bearer {key}"}
+
+
+def send(client, auth: dict[str, str], case) -> tuple[int, object]:
+    kwargs = case.as_transport_kwargs()
+    kwargs.pop("cookies", None)
+    headers = {k: v for k, v in (kwargs.pop("headers", None) or {}).items() if k.lower() != "authorization"}
+    response = client.request(headers=headers | auth, **kwargs)
+    body = response.json() if response.headers.get("content-type", "").startswith("application/json") else None
+    return response.status_code, body
+
+
+@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
+@pytest.mark.parametrize("operation", OPERATIONS, ids=lambda op: f"{op.method.upper()} {op.path}")
+def test_fuzz_every_endpoint_no_5xx_and_openai_errors(admin_client, operation, mode):
+    client, auth = admin_client
+
+    @settings(
+        max_examples=EXAMPLES,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(data=st.data())
+    def run(data):
+        case = data.draw(operation.as_strategy(generation_mode=mode))
+        status, body = send(client, auth, case)
+        CASES.append((operation.method, operation.path, mode.value, status))
+        sent = {k: v for k, v in case.as_transport_kwargs().items() if k in ("method", "url", "params", "json")}
+        assert status < 500, (repr(sent)[:2000], status, body)
+        if status >= 400:
+            assert isinstance(body, dict) and set(body) == {"error"}, (repr(sent)[:2000], status, body)
+            assert set(body["error"]) == ERROR_KEYS, body
+            assert isinstance(body["error"]["message"], str) and isinstance(body["error"]["type"], str), body
+
+    try:
+        run()
+    except Unsatisfiable:
+        sent = any(c[:3] == (operation.method, operation.path, mode.value) for c in CASES)
+        if mode is GenerationMode.NEGATIVE and not sent:
+            pytest.skip("the schema admits no invalid request for this operation (no body, no constrained parameter)")
+        raise
+
+
+def test_the_fuzzing_covered_every_operation():
+    """Runs last in this module: every operation of the schema was sent cases (none was skipped)."""
+    if not CASES:
+        pytest.skip("the fuzz tests were deselected")
+    assert {(m, p) for m, p, _, _ in CASES} == {(op.method, op.path) for op in OPERATIONS}
+    negative = sum(1 for case in CASES if case[2] == "negative")
+    print(f"fuzz: {len(CASES)} cases ({negative} invalid) over {len(OPERATIONS)} operations")
