@@ -18,8 +18,6 @@ from core.settings import LimitSettings
 from gateway.errors import GatewayError, InvalidRequest, error_body
 from guardrails.text import sentences
 
-BODY_METHODS = {"POST", "PUT", "PATCH"}
-
 
 class PayloadTooLarge(GatewayError):
     status_code, type, code = 413, "invalid_request_error", "request_too_large"
@@ -45,7 +43,7 @@ class BodyLimit:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] not in BODY_METHODS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

@@ -106,6 +106,13 @@ def test_a_chunked_body_without_content_length_is_counted_while_read(client):
     assert_openai_error(response, 413)
 
 
+def test_a_body_on_any_method_is_counted(client):
+    c, headers = client
+    response = c.request("GET", "/v1/models", content=b"x" * 70_000, headers=headers)
+    assert_openai_error(response, 413)
+    assert c.get("/v1/models", headers=headers).status_code == 200
+
+
 def test_a_ten_megabyte_body_is_refused(client):
     c, headers = client
     body = b'{"model": "base", "messages": [{"role": "user", "content": "' + b"z" * 10_000_000 + b'"}]}'
