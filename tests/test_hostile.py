@@ -31,11 +31,14 @@ def mock_vllm(request: httpx.Request) -> httpx.Response:
     """vLLM as the benchmark's mock upstream answers it: a valid chat completion for any model."""
     if request.method == "GET":
         return httpx.Response(200, json={"object": "list", "data": []})
-    body = json.loads(request.content)
+    body, chat = json.loads(request.content), request.url.path.endswith("/chat/completions")
     answer = completion(body.get("model", "mock"))
+    if not chat:  # a text completion: its choices carry `text`
+        answer |= {"object": "text_completion", "choices": [{"index": 0, "text": "42", "finish_reason": "stop"}]}
     if not body.get("stream"):
         return httpx.Response(200, json=answer)
-    chunk = answer | {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "42"}}]}
+    delta = {"delta": {"content": "42"}} if chat else {"text": "42"}
+    chunk = answer | {"object": "chat.completion.chunk", "choices": [{"index": 0, **delta}]}
     text = sse(chunk).decode() + sse({"id": "x", "choices": [], "usage": answer["usage"]}).decode() + sse(DONE).decode()
     return httpx.Response(200, text=text, headers={"content-type": "text/event-stream"})
 
