@@ -22,5 +22,6 @@ The path of one chat completion, one way through, in 8 of our files (plus `core`
 
 Declarations the path uses without a step of their own: `gateway/openai/schemas.py` (request models),
 `gateway/openai/answers.py` (the shape checks of vLLM's answers),
-`gateway/errors.py` (OpenAI-shaped errors), `gateway/metrics.py` (the Prometheus registry).
+`gateway/errors.py` (OpenAI-shaped errors), `gateway/metrics.py` (the Prometheus registry),
+`gateway/limits.py` (the body-size middleware before step 1, and the request's caps the handler checks).
 """
