@@ -13,6 +13,8 @@ says what survived: `{"survived": True, ...}`, or `{"survived": False, "failed":
 * `registry_enospc`  the disk fills (ENOSPC) while an adapter is published: no half adapter visible,
                      the next publish works
 * `orphan_vllm`      the process that started vLLM is SIGKILLed: vLLM (a stand-in command) goes too
+* `gateway_killed`   the gateway SIGKILLed under load: how many answered requests' rows, still queued
+                     in its memory, never reach the traffic log
 
 Imports `bench`, `core` and `training` (the registry).
 """
@@ -431,3 +433,48 @@ def review_outage(work: Path, db_url: str | None = None) -> dict:
     finally:
         procs.stop_all()
     return _outcome(failed)
+
+
+def gateway_killed(work: Path, rate: float = 20.0, before_s: float = 2.0) -> dict:
+    """The gateway SIGKILLed under load (with the default traffic-log flush interval), then started
+    again on the same database: the rows of answered requests that were still queued in its memory
+    are what `lost_records` counts. (That its vLLM goes with it is `orphan_vllm`.)"""
+    failed: list[str] = []
+    procs = Processes(work)
+    answered = lost = 0
+    try:
+        port = free_port()
+        start_upstream(procs, port)
+        flush = {"log_flush_interval_s": 0.2}  # the default, not the rig's 0.05 s
+        gw = start_gateway(procs, work / "var", f"http://{HOST}:{port}", gateway=flush)
+        statuses: list[int] = []
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    statuses.append(gw.post(chat("hello"), timeout=10).status_code)
+                except httpx.HTTPError:
+                    statuses.append(0)
+                time.sleep(1 / rate)
+
+        loader = threading.Thread(target=load, daemon=True)
+        loader.start()
+        time.sleep(before_s)
+        os.killpg(gw.proc.pgid, signal.SIGKILL)
+        gw.proc.popen.wait()
+        stop.set()
+        loader.join(30)
+        answered = statuses.count(200)
+        again = start_gateway(procs, work / "var", f"http://{HOST}:{port}", db_url=gw.db_url, gateway=flush)
+        if again.post(chat("hello")).status_code != 200:
+            failed.append("the restarted gateway does not answer")
+        _wait(lambda: gw.logged().count(200) >= answered + 1, 5, 0.2)
+        lost = max(0, answered + 1 - gw.logged().count(200))
+        if lost:
+            failed.append(f"{lost} of {answered} answered requests are missing from the traffic log")
+    except Exception as err:
+        failed.append(f"{type(err).__name__}: {err}")
+    finally:
+        procs.stop_all()
+    return _outcome(failed, answered=answered, lost_records=lost)

@@ -6,7 +6,7 @@ Prints one JSON object (and writes `reliability.json`, `reliability.png`, latenc
 memory over the soak, and the soak's raw `soak_samples.json` to `--out`):
 
 * `hostile_cases`, `server_errors`, `stalls`, `authz_violations`  `bench.soak.probe`'s small corpus
-* `fuzz_cases`  null: no fuzzing helper to import yet (`fuzz_note` says so)
+* `fuzz_cases`  null: the fuzzing is a pytest module, not a helper to import (`fuzz_note` says so)
 * `faults`      each of `bench.faults` as `survived` or the list of what failed; training killed
                 mid-run is a test (`tests/test_training.py`), named here, not rerun (it trains)
 * `lost_records`  accepted requests missing from the traffic log after the faults
@@ -34,7 +34,11 @@ from core.io import atomic_write_bytes, free_port
 TRAINING_KILL = (
     "covered by tests/test_training.py::test_resumes_from_last_checkpoint_after_a_kill (not rerun: it trains)"
 )
-FUZZ_NOTE = "no fuzzing helper to import (tests/test_fuzz.py absent); the hostile corpus is bench.soak.HOSTILE"
+FUZZ_NOTE = (
+    "not wired: the fuzzing (schemathesis) and the large hostile corpus are pytest modules "
+    "(tests/test_fuzz.py, tests/test_hostile.py), not helpers to import; run them with pytest. "
+    "hostile_cases here are bench.soak.HOSTILE, against a live gateway process"
+)
 
 
 def _say(message: str) -> None:
@@ -48,6 +52,7 @@ def run_faults(work: Path, outage_s: float, postgres: bool) -> dict[str, dict]:
         "worker_lease": lambda d: faults.worker_lease(d),
         "registry_enospc": lambda d: faults.registry_enospc(d),
         "vllm_killed_or_stalled": lambda d: faults.vllm_faults(d, guardrails=True),
+        "gateway_killed": lambda d: faults.gateway_killed(d),
     }
     if postgres:
         plan["postgres_outage"] = lambda d: faults.postgres_outage(d, outage_s=outage_s)
