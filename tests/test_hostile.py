@@ -9,7 +9,9 @@ benchmark's mock upstream's answer); no model runs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -23,6 +25,7 @@ from core.keys import create_key
 from core.settings import load_settings
 from gateway.app import create_app
 from gateway.upstream import DONE, sse
+from tunegate.serve import ServerThread
 
 ERROR_KEYS = {"message", "type", "param", "code"}
 
@@ -107,6 +110,31 @@ def test_a_chunked_body_without_content_length_is_counted_while_read(client):
 
     response = c.post("/v1/chat/completions", content=chunks(), headers=headers | {"Content-Type": "application/json"})
     assert_openai_error(response, 413)
+
+
+def test_a_chunked_body_over_real_http_is_refused_while_it_arrives(client):
+    """uvicorn, a raw socket, `Transfer-Encoding: chunked` and no `Content-Length`: 413 once 64 KB have come."""
+    c, headers = client
+    with ServerThread(c.app) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            head += f"Content-Type: application/json\r\nAuthorization: {headers['Authorization']}\r\n\r\n"
+            chunk = b"400\r\n" + b"y" * 1024 + b"\r\n"
+            with contextlib.suppress(OSError):  # the server may close before all of it is sent
+                sock.sendall(head.encode() + b'6\r\n{"a":"\r\n')
+                for _ in range(200):  # 200 KB, never finished: no terminating chunk is sent
+                    sock.sendall(chunk)
+            answer = b""
+            with contextlib.suppress(OSError):
+                while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    answer += data
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.split()[1] == b"413", answer[:300]
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_too_large" and set(error) == ERROR_KEYS
 
 
 def test_a_body_on_any_method_is_counted(client):
@@ -224,7 +252,10 @@ HOSTILE: dict[str, bytes] = {
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_hostile_payloads_never_5xx_and_errors_are_openai_shaped(client, name, path):
     c, headers = client
-    response = c.post(path, content=HOSTILE[name], headers=headers | {"Content-Type": "application/json"})
+    payload = HOSTILE[name]
+    if path == "/v1/completions":  # the same payload as a text completion: a prompt, and `messages` an extra field
+        payload = payload.replace(b'"messages": ', b'"prompt": "x", "messages": ', 1)
+    response = c.post(path, content=payload, headers=headers | {"Content-Type": "application/json"})
     assert response.status_code < 500, (name, response.status_code, response.text[:300])
     if response.status_code >= 400:
         assert_openai_error(response)
