@@ -51,7 +51,7 @@ class BodyLimit:
             if not declared.isdigit():
                 await _error_response(InvalidRequest("`Content-Length` is not a number"))(scope, receive, send)
                 return
-            if int(declared) > self.max_bytes:
+            if len(declared) > 15 or int(declared) > self.max_bytes:  # (a 5000-digit number is not parsed)
                 await _error_response(_too_large(self.max_bytes))(scope, receive, send)
                 return
         try:

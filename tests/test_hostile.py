@@ -9,6 +9,7 @@ benchmark's mock upstream's answer); no model runs.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import socket
@@ -24,6 +25,7 @@ from core.db import make_engine, session_factory, session_scope, upgrade
 from core.keys import create_key
 from core.settings import load_settings
 from gateway.app import create_app
+from gateway.limits import BodyLimit
 from gateway.upstream import DONE, sse
 from tunegate.serve import ServerThread
 
@@ -280,3 +282,30 @@ def test_hostile_headers_are_refused_in_shape(client, headers):
     assert response.status_code < 500, response.text[:300]
     if response.status_code >= 400:
         assert_openai_error(response)
+
+
+@pytest.mark.parametrize(
+    ("declared", "status"), [(b"9" * 5000, 413), (b"70000", 413), (b"abc", 400), (b"-1", 400), (b"", 400)]
+)
+def test_content_length_is_judged_before_the_app_runs(declared, status):
+    """At the ASGI level (a server may let odd values through): never a 5xx, never the app."""
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not run")
+
+    async def run() -> list[dict]:
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/", "headers": [(b"content-length", declared)]}
+        await BodyLimit(app, 65536)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["status"] == status
+    assert set(json.loads(sent[1]["body"])["error"]) == ERROR_KEYS
