@@ -53,8 +53,8 @@ def build_services(settings: Settings, transport=None) -> Services:
     metrics = Metrics()
     upstream = Upstream(settings.vllm.url, gw, transport=transport)
     router = Router(settings, sessions)
-    traffic = TrafficLog(sessions, gw, metrics)
-    review = ReviewService(sessions, settings.review)
+    traffic = TrafficLog(sessions, gw, metrics, var_dir=settings.var_dir)  # spill and dead-letter files
+    review = ReviewService(sessions, settings.review, secret_key=settings.secret_key)  # signs the webhooks
     completions = CompletionService(
         limiter=RateLimiter(gw.requests_per_minute, gw.tokens_per_minute),
         router=router,

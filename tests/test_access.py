@@ -111,3 +111,16 @@ def test_each_caller_gets_what_its_role_allows(gateway, method, path, body, expe
         if resp.status_code in (401, 403, 404) and resp.headers.get("content-type", "").startswith("application/json"):
             assert set(resp.json().get("error", {})) >= {"message", "type"}, resp.text  # OpenAI's error shape
     assert not violations, "\n".join(violations)
+
+
+def test_the_app_signs_its_webhooks_and_keeps_its_spill_files_under_var_dir(tmp_path):
+    """The wiring: the review service gets the secret key (webhooks are signed), the traffic log the
+    configured `var_dir` (spill and dead-letter files are not written to the working directory)."""
+    settings = load_settings(None, var_dir=tmp_path, vllm={"url": "http://vllm.test"},
+                             review={"webhook_url": "http://hooks.test/x"})  # fmt: skip
+    upgrade(settings.database_url)
+    app = create_app(settings, transport=httpx.MockTransport(fake_vllm()))
+    with TestClient(app):
+        services = app.state.services
+        assert services.review.webhooks.secret == settings.secret_key.get_secret_value()
+        assert {services.traffic.spill.path.parent, services.traffic.dead_letters.path.parent} == {tmp_path}

@@ -24,6 +24,8 @@ from core.keys import create_key
 from gateway.app import create_app
 from tests.test_hostile import ERROR_KEYS, gateway
 
+pytestmark = pytest.mark.timeout(300)  # a hang fails this file, not the whole run
+
 EXAMPLES = 40
 CASES: list[tuple[str, str, str, int]] = []  # (method, path, mode, status) of every case sent
 

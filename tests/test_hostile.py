@@ -29,6 +29,8 @@ from gateway.limits import BodyLimit
 from gateway.upstream import DONE, sse
 from tunegate.serve import ServerThread
 
+pytestmark = pytest.mark.timeout(300)  # a hang fails this file, not the whole run
+
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 
