@@ -4,6 +4,8 @@ error JSON themselves."""
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -60,6 +62,9 @@ class UpstreamError(GatewayError):
         self.status_code, self.type, self.code = status_code, type_, None
 
 
+log = logging.getLogger("tunegate.gateway")
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -95,3 +100,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return JSONResponse(error_body(str(exc.detail), type_), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of ours still answers in OpenAI's shape (never a plain-text 500); the traceback goes
+        # to the log with the route only, never the request body (it may hold personal data).
+        log.error("unhandled %s on %s %s", type(exc).__name__, request.method, request.url.path, exc_info=exc)
+        return JSONResponse(error_body("internal error in the gateway", "server_error", code="internal_error"), 500)

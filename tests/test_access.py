@@ -124,3 +124,17 @@ def test_the_app_signs_its_webhooks_and_keeps_its_spill_files_under_var_dir(tmp_
         services = app.state.services
         assert services.review.webhooks.secret == settings.secret_key.get_secret_value()
         assert {services.traffic.spill.path.parent, services.traffic.dead_letters.path.parent} == {tmp_path}
+
+
+def test_a_bug_of_ours_is_a_500_in_openai_shape(tmp_path):
+    settings = load_settings(None, var_dir=tmp_path, vllm={"url": "http://vllm.test"})
+    upgrade(settings.database_url)
+    app = create_app(settings, transport=httpx.MockTransport(fake_vllm()))
+
+    @app.get("/boom")
+    async def boom() -> dict:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        resp = client.get("/boom")
+    assert resp.status_code == 500 and resp.json()["error"]["type"] == "server_error"
