@@ -147,7 +147,10 @@ class TcpProxy:
             writer.close()
             return
         self.writers |= {writer, up_writer}
-        await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        try:
+            await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # close(): the connection is gone either way (a cancelled task here only makes noise)
         self.writers -= {writer, up_writer}
 
     async def _up(self) -> None:
