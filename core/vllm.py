@@ -48,11 +48,13 @@ def _die_with_parent(parent_pid: int) -> Callable[[], None]:
     SIGKILL; if that parent is already gone by then, the child ends before it execs. (The kernel
     sends it when the starting *thread* ends: start vLLM from the main thread, as `serve` does.)"""
 
-    def preexec() -> None:
-        import ctypes
+    import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    # Resolved here, in the parent: between fork and exec the child only calls it (no dlopen, no locks).
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:  # the parent died before prctl: no signal would ever come
             os._exit(1)
 
