@@ -22,6 +22,11 @@ with its reason (`tunegate_traffic_log_dead_letters_total`) and its batch is wri
 queue holds `log_queue_max` rows and spills the rest to `<var_dir>/traffic-spill.jsonl`, replayed on
 start and whenever the queue is empty; `close()` waits `log_close_timeout_s` at most, then spills.
 
+Nothing answered is lost, even to SIGKILL (`Recorder.finish` -> `TrafficLog.record_durably`): the row,
+private and clean, is appended to `<var_dir>/traffic-journal.jsonl` (a worker thread; the page cache
+keeps it when the process dies) before the client's answer is returned; the journal is dropped each
+time the queue has drained into the database, and replayed on start (rows already stored are skipped).
+
 Retention (`purge_expired`) deletes old rows no review item or training example uses.
 """
 
@@ -69,6 +74,14 @@ TEXT_FIELDS = ("prompt_text", "answer_text")
 BODY_FIELDS = ("request_json", "response_json")
 RETRY_AFTER_S = 5
 _STOP: dict = {}  # queued by close(): everything before it gets written, then the writer ends
+JOURNAL = "traffic-journal.jsonl"
+
+
+@dataclass(frozen=True)
+class _Ready:
+    """A queued row that is already private and clean (it went through the journal)."""
+
+    row: dict[str, Any]
 
 
 @dataclass
@@ -168,6 +181,8 @@ class TrafficLog:
         self.backoff_s = backoff_s  # first and longest wait between retries of a failed write
         self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=settings.log_queue_max)
         self.spill, self.dead_letters = RowFile(var_dir / SPILL), RowFile(var_dir / DEAD_LETTERS)
+        self.journal = RowFile(var_dir / JOURNAL)
+        self._journaling = 0  # rows between their journal append and their place in the queue
         self._task: asyncio.Task | None = None
         self._batch: list[dict] = []  # the batch being written (spilled if shutdown cannot wait for it)
         self._spilling: set[asyncio.Task] = set()
@@ -191,10 +206,33 @@ class TrafficLog:
             task.add_done_callback(self._spilling.discard)
         self.metrics.log_queue.set(self.queue.qsize())
 
-    def _spill(self, rows: list[dict]) -> None:
-        self.spill.append([clean_row(private(row, self.settings)) for row in rows])
+    async def record_durably(self, row: dict) -> None:
+        """`record()`, after the row (private and clean) is in the journal: a crash, even SIGKILL, after
+        this returns cannot lose it (the next start replays the journal)."""
+        self._journaling += 1
+        try:
+            ready = await asyncio.to_thread(self._journal, row)
+            self.record(_Ready(ready))
+        finally:
+            self._journaling -= 1
+
+    def _journal(self, row: dict) -> dict:
+        ready = clean_row(private(row, self.settings))
+        self.journal.append([ready])
+        return ready
+
+    def _ready(self, item: dict | _Ready) -> dict:
+        return item.row if isinstance(item, _Ready) else clean_row(private(item, self.settings))
+
+    def _spill(self, rows: list[dict | _Ready]) -> None:
+        self.spill.append([self._ready(row) for row in rows])
         self.spilled_rows.inc(len(rows))
         log.warning("traffic log: %d row(s) spilled to %s", len(rows), self.spill.path)
+
+    def _drop_journal(self) -> None:
+        """Every journalled row is in the database (the queue is empty and nothing is on its way)."""
+        for path in self.journal.take():
+            path.unlink(missing_ok=True)
 
     def _dead_letter(self, row: dict, reason: str) -> None:
         self.dead_letters.append([dead_letter_record(row, reason)])
@@ -229,7 +267,7 @@ class TrafficLog:
         return batch, False
 
     async def _run(self) -> None:
-        await self._replay()
+        await self._replay(journal=True)
         while True:
             batch, stop = await self._next_batch()
             if batch:
@@ -240,6 +278,8 @@ class TrafficLog:
                 return
             if self.queue.empty():  # room again: rows spilled meanwhile go in now
                 await self._replay()
+                if self.queue.empty() and not self._journaling and not self._spilling:
+                    await asyncio.to_thread(self._drop_journal)
 
     async def _write_with_retry(self, batch: list[dict], ready: bool = False) -> None:
         """Store `batch` (`ready`: already private and clean, as spilled), retrying while the database is out."""
@@ -257,12 +297,16 @@ class TrafficLog:
         self.metrics.log_queue.set(self.queue.qsize())
 
     def _write(self, batch: list[dict], ready: bool = False) -> int:
-        rows = batch if ready else [clean_row(private(row, self.settings)) for row in batch]
+        rows = batch if ready else [self._ready(item) for item in batch]
         return store_rows(self.sessions, rows, self._dead_letter)
 
-    async def _replay(self) -> None:
-        """Write the spilled rows (see `gateway.records`); a file stays until all its rows are stored."""
-        for path in await asyncio.to_thread(self.spill.take):
+    async def _replay(self, journal: bool = False) -> None:
+        """Write the spilled rows (see `gateway.records`), and on start what a crash left in the journal;
+        a file stays until all its rows are stored (rows stored already are skipped)."""
+        def taken() -> list[Path]:
+            return (self.journal.take() if journal else []) + self.spill.take()
+
+        for path in await asyncio.to_thread(taken):
             rows = await asyncio.to_thread(lambda p=path: list(RowFile.rows(p)))
             size = self.settings.log_batch_size
             for i in range(0, len(rows), size):
@@ -382,8 +426,9 @@ class Recorder:
     def begin(self) -> None:
         self.metrics.in_flight.inc()
 
-    def finish(self, ex: Exchange) -> None:
-        """The request is over: its metrics, and its row to the traffic log unless stored with a review item."""
+    async def finish(self, ex: Exchange) -> None:
+        """The request is over: its metrics, and its row to the traffic log (journalled before this returns)
+        unless it was stored with a review item."""
         total_s = time.perf_counter() - ex.started
         m, route, a = self.metrics, ex.route, ex.assessment
         m.in_flight.dec()
@@ -401,4 +446,4 @@ class Recorder:
             if tokens:
                 m.tokens.labels(route=route, kind=kind).inc(tokens)
         if ex.review_id is None:
-            self.traffic.record(self.row(ex))
+            await self.traffic.record_durably(self.row(ex))

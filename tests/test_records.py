@@ -163,3 +163,36 @@ def test_a_dead_letter_reason_quotes_no_value():
         raise ValueError('invalid input syntax for type integer: "jane@example.com"\nDETAIL: more')
     except ValueError as err:
         assert reason_of(err) == 'ValueError: invalid input syntax for type integer: "…"'
+
+
+def test_a_journalled_row_survives_a_crash_and_is_stored_once(sessions, tmp_path):
+    """`record_durably` puts the row (private and clean) in the journal before it returns; a process
+    that dies before the writer ran leaves the journal, the next start replays it; rows stored
+    already are skipped; once the queue has drained the journal is gone."""
+    settings = GatewaySettings(log_batch_size=10, mask_pii=True)
+    first, second = row(prompt_text="user: mail jane@example.com"), row()
+
+    async def crash_before_the_writer_runs() -> None:
+        log = TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+        await log.record_durably(first)  # never started: a SIGKILL would lose the in-memory queue
+        await log.record_durably(second)
+
+    run(crash_before_the_writer_runs())
+    journal = (tmp_path / "traffic-journal.jsonl").read_text()
+    assert first["id"] in journal and second["id"] in journal and "jane@example.com" not in journal
+    run(write(TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path), [second]))
+    rows = stored(sessions, [first["id"], second["id"]])
+    assert set(rows) == {first["id"], second["id"]} and "jane@example.com" not in rows[first["id"]].prompt_text
+
+    async def drained() -> None:
+        log = TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+        log.start()
+        await log.record_durably(row())
+        for _ in range(200):
+            if not list(tmp_path.glob("traffic-journal*")):
+                break
+            await asyncio.sleep(0.05)
+        await log.close()
+
+    run(drained())
+    assert not list(tmp_path.glob("traffic-journal*")), "the journal is dropped once its rows are stored"

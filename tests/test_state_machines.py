@@ -223,7 +223,7 @@ class CountingRecorder:
     def begin(self) -> None:
         self.in_flight += 1
 
-    def finish(self, ex) -> None:
+    async def finish(self, ex) -> None:
         self.in_flight -= 1
         self.finished.append(ex)
 

@@ -106,7 +106,8 @@ class StreamEnd:
                 await self.events.aclose()
         finally:
             self.service.adapters.release(self.ex.target)
-            self.service._finish(self.ex)
+            with anyio.CancelScope(shield=True):
+                await self.service._finish(self.ex)
 
 
 class LiveStream(StreamingResponse):
@@ -189,7 +190,8 @@ class CompletionService:
             if not streaming:
                 if acquired:
                     self.adapters.release(ex.target)
-                self._finish(ex)
+                with anyio.CancelScope(shield=True):  # the row is journalled before the answer leaves
+                    await self._finish(ex)
 
     # --- asking vLLM ------------------------------------------------------------------------------
 
@@ -451,9 +453,9 @@ class CompletionService:
                 ex.answer = collected.text
             await end()
 
-    def _finish(self, ex: Exchange) -> None:
+    async def _finish(self, ex: Exchange) -> None:
         """Charge the tokens to the key, and hand the exchange to the recorder (row and metrics)."""
         prompt_tokens, completion_tokens = ex.tokens()
         tokens_per_minute = self.limiter.limits(ex.caller)[1]
         self.limiter.spend_tokens(ex.caller.key_id, tokens_per_minute, (prompt_tokens or 0) + (completion_tokens or 0))
-        self.recorder.finish(ex)
+        await self.recorder.finish(ex)
