@@ -17,7 +17,7 @@ import httpx
 
 from core.db import make_engine, session_factory, session_scope
 from core.io import write_jsonl
-from core.keys import create_key
+from core.keys import create_key, revoke
 from core.settings import Settings
 from training.domain import Domain
 from tunegate.serve import ServerThread
@@ -59,6 +59,7 @@ def live_traffic(settings: Settings, vllm_url: str, domain: Domain, out: Path, n
     demo_settings = type(settings).model_validate(data)
     with session_scope(session_factory(make_engine(settings.database_url))) as session:
         app_key = create_key(session, "demo-app", "app")[0]
+        revoke(session, "demo-reviewer")  # a reviewer name is one identity: the last run's key goes first
         reviewer_key = create_key(session, "demo-reviewer", "reviewer")[0]
     facts = domain.new_facts[:n_new] + domain.old_facts[:n_old]
     truth = {f.train_questions[0]: f.answer for f in facts}
