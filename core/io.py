@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 
-def read_jsonl(path: str | os.PathLike[str], error: type[ValueError] = ValueError) -> Iterator[tuple[int, Any]]:
+def read_jsonl(path: str | os.PathLike[str], error: type[Exception] = ValueError) -> Iterator[tuple[int, Any]]:
     """(line number, parsed value) of each non-blank line of a JSONL file; a bad line raises `error`
     naming the file and line."""
     with Path(path).open(encoding="utf-8") as fh:

@@ -10,7 +10,7 @@ nor grow without bound (beyond its size, the least recently used entry goes). Th
 - `guardrails.text.stem`: how a word is stemmed (how many of its characters the stem keeps and the
   letter it adds, if any), per hash of the word; `STEM_CACHE_SIZE` = 65,536 words.
 - `guardrails.detectors.embedding`: a context sentence's vector, per SHA-256 of the sentence;
-  `cache_size` = 20,000 sentences by default (its own LRU).
+  `cache_size` = 20,000 sentences by default.
 
 Nothing else in `guardrails` caches: NLI, judge, consistency, uncertainty and calibration compute
 per call, and a retrieval `KnowledgeBase` is the route's own passages (the gateway keeps one per
@@ -21,7 +21,7 @@ Imports the standard library only.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
@@ -79,3 +79,11 @@ class LRU(Generic[K, V]):
 
     def __len__(self) -> int:
         return len(self._data)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether `key` is cached (without making it the most recently used)."""
+        return key in self._data
+
+    def __iter__(self) -> Iterator[K]:
+        """The keys, least recently used first (a snapshot)."""
+        return iter(self.keys())

@@ -255,7 +255,9 @@ def model_hash(path: Path) -> str:
         if name == MANIFEST:
             continue
         h.update(name.encode())
-        h.update((path / name).read_bytes())
+        with (path / name).open("rb") as fh:  # streamed: a model's weights are gigabytes
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 

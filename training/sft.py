@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import os
 import sys
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
+
+from core.io import read_jsonl, sha256_text
 
 if TYPE_CHECKING:  # imported where used: the training step runs without curation's and the registry's deps
     from training.registry import AdapterRegistry, Manifest
@@ -223,7 +224,7 @@ class TrainConfig:
 
     def config_hash(self) -> str:
         recipe = {k: v for k, v in self.to_dict().items() if k not in ("run_dir", "publish", "parent_version")}
-        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+        return sha256_text(json.dumps(recipe, sort_keys=True))[:16]
 
 
 @dataclass
@@ -244,10 +245,8 @@ class TrainResult:
 def read_chat_rows(path: Path) -> list[dict]:
     """Conversational prompt/completion rows: the last assistant turn is what the loss trains."""
     rows = []
-    for line_no, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        messages = json.loads(line)["messages"]
+    for line_no, row in read_jsonl(path, TrainingError):
+        messages = row["messages"]
         if not messages or messages[-1]["role"] != "assistant":
             raise TrainingError(f"{path}:{line_no}: the last message must be the assistant's; curate the data first")
         rows.append({"prompt": messages[:-1], "completion": messages[-1:]})

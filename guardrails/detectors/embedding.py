@@ -27,11 +27,11 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections import OrderedDict
 from pathlib import Path
 from typing import Literal
 
 from core.io import sha256_text
+from guardrails.cache import LRU
 from guardrails.text import sentences
 from guardrails.types import CheckInput, DetectorResult, clip01, reads
 
@@ -142,38 +142,25 @@ class EmbeddingDetector:
     ) -> None:
         self.encoder = encoder or SentenceEncoder(model_path, precision=precision, backend=backend)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, object] = OrderedDict()  # sha256(sentence) -> embedding (384,)
-        self._lock = threading.Lock()
+        self._cache: LRU[str, object] = LRU(cache_size)  # sha256(sentence) -> embedding (384,)
 
     def clear_cache(self) -> None:
         """Forget every cached sentence (a benchmark's cold start)."""
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
     def _context_vectors(self, context: str):
         import numpy as np
 
         texts = [context[a:b] for a, b in sentences(context)] or [context]
         keys = [sha256_text(t) for t in texts]
-        with self._lock:
-            missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in self._cache}
+        found = [self._cache.get(k) for k in keys]
+        missing = {k: t for k, t, v in zip(keys, texts, found, strict=True) if v is None}
         if missing:
-            vectors = self.encoder.encode(list(missing.values()))
-            with self._lock:
-                for k, v in zip(missing, vectors, strict=True):
-                    self._cache[k] = v
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        with self._lock:
-            out = []
-            for k, t in zip(keys, texts, strict=True):
-                v = self._cache.get(k)
-                if v is None:  # evicted meanwhile by a concurrent caller
-                    v = self.encoder.encode([t])[0]
-                else:
-                    self._cache.move_to_end(k)
-                out.append(v)
-        return texts, np.stack(out)  # (sentences, 384)
+            encoded = dict(zip(missing, self.encoder.encode(list(missing.values())), strict=True))
+            for k, v in encoded.items():
+                self._cache.put(k, v)
+            found = [encoded[k] if v is None else v for k, v in zip(keys, found, strict=True)]
+        return texts, np.stack(found)  # (sentences, 384)
 
     def warm(self, passages: list[str]) -> int:
         """Encode passages ahead of traffic (a route's knowledge base); returns the sentences cached."""
