@@ -70,6 +70,16 @@ class Gateway:
             engine.dispose()
 
 
+def make_key(db_url: str, name: str, role: str) -> str:
+    """A new API key `name` with `role` in the (migrated) database `db_url`: the secret."""
+    engine = make_engine(db_url)
+    try:
+        with session_scope(session_factory(engine)) as session:
+            return create_key(session, name, role)[0]
+    finally:
+        engine.dispose()
+
+
 def start_gateway(
     procs: Processes, var_dir: Path, vllm_url: str, db_url: str | None = None, gateway: dict | None = None,
     guardrails: bool = True, key_db_url: str | None = None, env: dict[str, str] | None = None,
@@ -80,10 +90,7 @@ def start_gateway(
     db_url = db_url or f"sqlite:///{var_dir / 'tunegate.db'}"
     direct = key_db_url or db_url
     upgrade(direct)
-    engine = make_engine(direct)
-    with session_scope(session_factory(engine)) as session:
-        key = create_key(session, "bench", "app")[0]
-    engine.dispose()
+    key = make_key(direct, "bench", "app")
     port = free_port()
     env = {
         **(env or {}),

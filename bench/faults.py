@@ -34,7 +34,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.fault_rig import HOST, Gateway, chat, proxied_postgres, start_gateway, start_upstream
+from bench.fault_rig import HOST, Gateway, chat, make_key, proxied_postgres, start_gateway, start_upstream
 from bench.gateway_harness import Processes
 from core.io import free_port
 
@@ -136,9 +136,10 @@ def vllm_faults(work: Path, guardrails: bool = True) -> dict:
         sent += 1
         if (r := gw.post(chat("hello"))).status_code != 200:
             failed.append(f"after the stalls: {r.status_code} {r.text[:200]}")
-        if not _wait(lambda: len(gw.logged()) >= sent, 15):
-            failed.append(f"traffic log holds {len(gw.logged())} of {sent} requests")
+        _wait(lambda: len(gw.logged()) >= sent, 15)
         logged = sorted(gw.logged())
+        if len(logged) < sent:
+            failed.append(f"traffic log holds {len(logged)} of {sent} requests")
     except Exception as err:  # the rig itself broke: say so, as a failure of this fault
         failed.append(f"{type(err).__name__}: {err}")
         logged = []
@@ -191,9 +192,11 @@ def postgres_outage(
             loader.join(90)
             answered = statuses.count(200)
             reader = Gateway(gw.url, gw.key, direct, gw.proc)
-            if not _wait(lambda: reader.logged().count(200) >= answered, 60, 0.5):
-                failed.append(f"traffic log holds {reader.logged().count(200)} of {answered} answered requests")
-            lost = max(0, answered - reader.logged().count(200))
+            _wait(lambda: reader.logged().count(200) >= answered, 60, 0.5)
+            logged = reader.logged().count(200)
+            if logged < answered:
+                failed.append(f"traffic log holds {logged} of {answered} answered requests")
+            lost = max(0, answered - logged)
             if gw.post(chat("hello")).status_code != 200:
                 failed.append("no recovery after the database came back")
             if unclear:
@@ -379,9 +382,6 @@ def review_outage(work: Path, db_url: str | None = None) -> dict:
     """A reviewer decides while PostgreSQL is unreachable: a clear 503 (not a 500, not a silent
     success), and once the database is back the retried decision lands and the held client gets it;
     a decision accepted before the outage is still there after."""
-    from core.db import make_engine, session_factory, session_scope
-    from core.keys import create_key
-
     failed: list[str] = []
     procs = Processes(work)
     try:
@@ -397,10 +397,7 @@ def review_outage(work: Path, db_url: str | None = None) -> dict:
                 env=hold_all,
                 db_url=via_proxy,
             )  # every answer is held for review
-            engine = make_engine(direct)
-            with session_scope(session_factory(engine)) as session:
-                reviewer = {"Authorization": f"Bearer {create_key(session, 'reviewer', 'reviewer')[0]}"}
-            engine.dispose()
+            reviewer = {"Authorization": f"Bearer {make_key(direct, 'reviewer', 'reviewer')}"}
             held = [gw.post(chat(f"question {i}")) for i in range(2)]
             if [r.status_code for r in held] != [202, 202]:
                 return _outcome([f"answers were not held: {[(r.status_code, r.text[:100]) for r in held]}"])

@@ -48,15 +48,15 @@ def _say(message: str) -> None:
 def run_faults(work: Path, outage_s: float, postgres: bool) -> dict[str, dict]:
     """Every fault of `bench.faults`, each in a folder of its own."""
     plan = {
-        "orphan_vllm": lambda d: faults.orphan_vllm(d),
-        "worker_lease": lambda d: faults.worker_lease(d),
-        "registry_enospc": lambda d: faults.registry_enospc(d),
-        "vllm_killed_or_stalled": lambda d: faults.vllm_faults(d, guardrails=True),
-        "gateway_killed": lambda d: faults.gateway_killed(d),
+        "orphan_vllm": faults.orphan_vllm,
+        "worker_lease": faults.worker_lease,
+        "registry_enospc": faults.registry_enospc,
+        "vllm_killed_or_stalled": faults.vllm_faults,  # guardrails on (its default)
+        "gateway_killed": faults.gateway_killed,
     }
     if postgres:
         plan["postgres_outage"] = lambda d: faults.postgres_outage(d, outage_s=outage_s)
-        plan["review_during_outage"] = lambda d: faults.review_outage(d)
+        plan["review_during_outage"] = faults.review_outage
     results = {}
     for name, fault in plan.items():
         _say(f"fault: {name}")

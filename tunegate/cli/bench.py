@@ -13,6 +13,13 @@ from tunegate.cli.common import ConfigOption, JsonOption, emit, fail, settings_o
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON and write plots.")
 
 
+def _report(result: dict, json_out: bool, plot: object) -> None:
+    """The result (see `emit`), and for a person the plot's path after it."""
+    emit(result, json_out)
+    if not json_out:
+        Console().print(f"plot: {plot}")
+
+
 @bench_app.command("training")
 def bench_training(
     config: ConfigOption = None,
@@ -26,9 +33,7 @@ def bench_training(
     settings = settings_or_exit(config)
     out.mkdir(parents=True, exist_ok=True)
     result = run(out, settings.var_dir, settings.models_dir, max_steps=steps)
-    emit(result, json_out)
-    if not json_out:
-        Console().print(f"plot: {out / 'training_claims.png'}")
+    _report(result, json_out, out / "training_claims.png")
 
 
 @bench_app.command("lora")
@@ -57,9 +62,7 @@ def bench_lora(
         max_tokens=max_tokens,
         rounds=rounds,
     )
-    emit(result, json_out)
-    if not json_out:
-        Console().print(f"plot: {out / 'lora_throughput.png'}")
+    _report(result, json_out, out / "lora_throughput.png")
 
 
 @bench_app.command("gateway", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -113,9 +116,7 @@ def bench_guard(
         )
     except CalibrationError as err:
         raise fail(str(err)) from None
-    emit(result, json_out)
-    if not json_out:
-        Console().print(f"plot: {result['plot']}")
+    _report(result, json_out, result["plot"])
 
 
 @bench_app.command("reliability")
@@ -133,6 +134,4 @@ def bench_reliability(
     if soak_minutes <= 0 or soak_rate <= 0 or outage_s < 0:
         raise fail("--soak-minutes and --soak-rate must be positive, --outage-s not negative")
     result = run(out, soak_minutes, soak_rate, outage_s, postgres=not no_postgres)
-    emit({k: v for k, v in result.items() if k != "fault_details"}, json_out)
-    if not json_out:
-        Console().print(f"plot: {result['plot']}")
+    _report({k: v for k, v in result.items() if k != "fault_details"}, json_out, result["plot"])
