@@ -69,14 +69,20 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def error_response(exc: GatewayError) -> JSONResponse:
+    """A `GatewayError` as OpenAI's error JSON, with its status and headers (also used outside the app,
+    by the `BodyLimit` middleware)."""
+    return JSONResponse(
+        error_body(exc.message, exc.type, exc.param, exc.code),
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(
-            error_body(exc.message, exc.type, exc.param, exc.code),
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        return error_response(exc)
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(InterfaceError)

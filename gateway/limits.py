@@ -12,10 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
 from core.settings import LimitSettings
-from gateway.errors import GatewayError, InvalidRequest, error_body
+from gateway.errors import GatewayError, InvalidRequest, error_response
 from guardrails.text import sentences
 
 
@@ -29,10 +27,6 @@ class _TooLarge(Exception):
 
 def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(f"the request body is larger than the gateway's limit of {limit} bytes")
-
-
-def _error_response(exc: GatewayError) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.type, exc.param, exc.code), status_code=exc.status_code)
 
 
 class BodyLimit:
@@ -49,15 +43,15 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _error_response(InvalidRequest("`Content-Length` is not a number"))(scope, receive, send)
+                await error_response(InvalidRequest("`Content-Length` is not a number"))(scope, receive, send)
                 return
             if len(declared) > 15 or int(declared) > self.max_bytes:  # (a 5000-digit number is not parsed)
-                await _error_response(_too_large(self.max_bytes))(scope, receive, send)
+                await error_response(_too_large(self.max_bytes))(scope, receive, send)
                 return
         try:
             body, disconnected = await self._read(receive)
         except _TooLarge:
-            await _error_response(_too_large(self.max_bytes))(scope, receive, send)
+            await error_response(_too_large(self.max_bytes))(scope, receive, send)
             return
         if disconnected:
             return

@@ -12,6 +12,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, Request, Response
 
+from core.keys import Principal
+from core.settings import GatewaySettings
 from gateway.deps import AppCaller, GatewayConfig, get_completions, get_router
 from gateway.limits import check_request
 from gateway.openai.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
@@ -25,6 +27,20 @@ Models = Annotated[Router, Depends(get_router)]
 STARTED = int(time.time())
 
 
+async def _complete(
+    kind: str,
+    body: ChatCompletionRequest | CompletionRequest,
+    caller: Principal,
+    completions: CompletionService,
+    settings: GatewaySettings,
+    request: Request,
+    user: str | None,
+) -> Response:
+    """What both completion routes do: check the request's caps, then hand it to the service."""
+    check_request(body, user, settings.limits)
+    return await completions.complete(kind, body, caller, request, user)
+
+
 @router.post("/chat/completions", summary="Chat completion (roles: app, admin)")
 async def chat_completions(
     body: ChatCompletionRequest,
@@ -34,8 +50,7 @@ async def chat_completions(
     request: Request,
     user: UserHeader = None,
 ) -> Response:
-    check_request(body, user, settings.limits)
-    return await completions.complete("chat", body, caller, request, user)
+    return await _complete("chat", body, caller, completions, settings, request, user)
 
 
 @router.post("/completions", summary="Text completion (roles: app, admin)")
@@ -47,8 +62,7 @@ async def completions(
     request: Request,
     user: UserHeader = None,
 ) -> Response:
-    check_request(body, user, settings.limits)
-    return await completions.complete("completions", body, caller, request, user)
+    return await _complete("completions", body, caller, completions, settings, request, user)
 
 
 @router.get("/models", summary="Models a client may name (roles: app, admin)")
