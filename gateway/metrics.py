@@ -9,28 +9,12 @@ refreshes off the event loop (`gateway.app`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 UNKNOWN = "unknown"
-
-
-class _RouteLabelled:
-    """A labelled metric whose `route` label is a route the gateway serves, else `unknown`."""
-
-    def __init__(self, metric: Any, owner: Metrics) -> None:
-        self._metric, self._owner = metric, owner
-
-    def labels(self, *values: str, **labels: str) -> Any:
-        if "route" in labels:
-            labels["route"] = self._owner.route_label(labels["route"])
-        return self._metric.labels(*values, **labels)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._metric, name)
 
 
 class Metrics:
@@ -88,14 +72,10 @@ class Metrics:
         self.circuit_open = Gauge("tunegate_upstream_circuit_open", "1 while the vLLM circuit is open.", registry=r)
         self.review_queue = Gauge("tunegate_review_queue_depth", "Review items waiting for a reviewer.", registry=r)
 
-        for name in ("requests", "request_seconds", "upstream_seconds", "overhead_seconds", "guardrail_seconds"):
-            setattr(self, name, _RouteLabelled(getattr(self, name), self))
-        self.tokens = _RouteLabelled(self.tokens, self)
-        self.decisions = _RouteLabelled(self.decisions, self)
-
     def serve_routes(self, routes: Iterable[str]) -> None:
         """The names a `route` label may take; any other becomes `unknown`."""
         self.routes = frozenset(routes)
 
     def route_label(self, route: str) -> str:
+        """The `route` label for a name a client sent: itself if served, else `unknown`."""
         return route if self.routes is None or route in self.routes else UNKNOWN

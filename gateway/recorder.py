@@ -430,7 +430,8 @@ class Recorder:
         """The request is over: its metrics, and its row to the traffic log (journalled before this returns)
         unless it was stored with a review item."""
         total_s = time.perf_counter() - ex.started
-        m, route, a = self.metrics, ex.route, ex.assessment
+        m, a = self.metrics, ex.assessment
+        route = m.route_label(ex.route)  # the client named it: a made-up name must not grow the registry
         m.in_flight.dec()
         version = ex.target.adapter_version if ex.target else "none"
         m.requests.labels(route=route, adapter_version=version, status=str(ex.status)).inc()
