@@ -130,7 +130,7 @@ def test_resumes_from_last_checkpoint_after_a_kill(tmp_path, base_model_dir, sma
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
     checkpoints = tmp_path / "run" / "checkpoints"
     deadline = time.monotonic() + 300
-    while not (checkpoints / "checkpoint-20").exists():
+    while not (checkpoints / "checkpoint-20" / "trainer_state.json").exists():  # saved in full (it is last)
         assert proc.poll() is None and time.monotonic() < deadline, "training ended before it could be killed"
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
@@ -221,3 +221,22 @@ def test_adapters_cli_lists_and_shows(tmp_path, base_model_dir, small_data):
     shown = _cli(tmp_path / "var", "adapters", "show", "cli")
     assert json.loads(shown.stdout)["config_hash"] == listed[0]["config_hash"]
     assert _cli(tmp_path / "var", "adapters", "show", "nope").returncode == 2
+
+
+def test_resume_skips_a_checkpoint_a_kill_cut_short(tmp_path):
+    """A kill while a checkpoint is saved leaves its folder without (or with half of) trainer_state.json;
+    resuming from it fails, so the run resumes from the newest complete one (transformers'
+    get_last_checkpoint goes by folder names alone and picks the broken one)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from training.sft import last_complete_checkpoint
+
+    for step, state in ((10, '{"global_step": 10}'), (20, None), (30, '{"global_st')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    assert get_last_checkpoint(str(tmp_path)).endswith("checkpoint-30")
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    assert last_complete_checkpoint(tmp_path / "nothing") is None

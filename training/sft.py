@@ -382,6 +382,22 @@ def build_trainer(
     )  # fmt: skip
 
 
+def last_complete_checkpoint(checkpoints: Path) -> str | None:
+    """The newest checkpoint a kill did not cut short, or None.
+
+    The trainer writes `trainer_state.json` last; a checkpoint folder without it (or with half of it)
+    is what a kill in the middle of saving leaves, and resuming from it fails. transformers'
+    `get_last_checkpoint` only looks at folder names, so it would pick that one."""
+    complete = []
+    for folder in checkpoints.glob("checkpoint-*"):
+        try:
+            json.loads((folder / "trainer_state.json").read_text())
+            complete.append((int(folder.name.removeprefix("checkpoint-")), folder))
+        except (OSError, ValueError):
+            continue
+    return str(max(complete)[1]) if complete else None
+
+
 def train_adapter(
     config: TrainConfig,
     base_path: Path,
@@ -392,7 +408,6 @@ def train_adapter(
     """Train one adapter as `config` says; resume its run if it was interrupted; publish it."""
     from datasets import Dataset
     from transformers import AutoTokenizer, EarlyStoppingCallback, set_seed
-    from transformers.trainer_utils import get_last_checkpoint
 
     from training.base_model import model_hash
     from training.curation import dataset_hash
@@ -438,7 +453,7 @@ def train_adapter(
 
         trainer.remove_callback(PrinterCallback)  # without a bar, the trainer prints every log as a dict
     say(f"fast path: {json.dumps(trainer.fast.describe())}")
-    last = get_last_checkpoint(str(checkpoints)) if any(checkpoints.iterdir()) else None
+    last = last_complete_checkpoint(checkpoints)
     if last:
         say(f"resuming from {last}")
     # The trainer prints its logs on stdout; stdout is for results (`--json`), so they go to stderr.
