@@ -99,3 +99,9 @@ def last_user_text(messages: Any, fallback: str = "") -> str:
         if role == "user" and isinstance(content, str):
             return content
     return fallback
+
+
+def normalise_answer(answer: str) -> str:
+    """How answers are compared everywhere (fact accuracy, the gate, online scoring): whitespace
+    collapsed, a final full stop dropped, case folded."""
+    return " ".join(answer.strip().split()).rstrip(".").casefold()

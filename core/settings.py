@@ -30,6 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from core.loop_settings import LoopSettings
+
 ENV_PREFIX = "TUNEGATE_"
 CONFIG_ENV = "TUNEGATE_CONFIG"
 DEFAULT_CONFIG_FILE = "tunegate.yaml"
@@ -254,6 +256,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     guardrails: GuardrailSettings = Field(default_factory=GuardrailSettings)
     review: ReviewSettings = Field(default_factory=ReviewSettings)
+    loop: LoopSettings = Field(default_factory=LoopSettings)
     routes: dict[str, RouteSettings] = Field(
         default_factory=dict, description="Public model names (aliases) and their adapter targets."
     )

@@ -19,14 +19,18 @@ class Role(StrEnum):
 
 
 class AdapterStatus(StrEnum):
-    """Where an adapter version stands in its lifecycle; only `canary` and `active` versions serve."""
+    """Where an adapter version stands in its lifecycle; only `canary` and `active` versions serve.
 
-    REGISTERED = "registered"
+    candidate -> gated -> canary -> active -> retired, or a candidate rejected at the gate, or a
+    canary rolled back (`core.lifecycle.TRANSITIONS` is the whole graph)."""
+
     CANDIDATE = "candidate"
+    GATED = "gated"
     CANARY = "canary"
     ACTIVE = "active"
     RETIRED = "retired"
     REJECTED = "rejected"
+    ROLLED_BACK = "rolled_back"
 
 
 class Decision(StrEnum):
@@ -39,10 +43,13 @@ class Decision(StrEnum):
 
 
 class ReviewReason(StrEnum):
-    """Why an item is in the review queue: the client waits for it (`held`), or it was `sampled`."""
+    """Why an item is in the review queue: the client waits for it (`held`), it was `sampled` at random,
+    or the eval suite chose it because it teaches most (`priority`: near the threshold, far from the
+    training data, in a drift cluster)."""
 
     HELD = "held"
     SAMPLED = "sampled"
+    PRIORITY = "priority"
 
 
 class ReviewStatus(StrEnum):
@@ -79,12 +86,21 @@ class EvalKind(StrEnum):
     GATE = "gate"
     HOLDOUT = "holdout"
     CANARY = "canary"
+    CALIBRATION = "calibration"
 
 
 class EvalStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+
+
+class RolloutStatus(StrEnum):
+    """A canary rollout: taking traffic step by step, then promoted or rolled back."""
+
+    RUNNING = "running"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
 
 
 class JobStatus(StrEnum):

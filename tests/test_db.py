@@ -34,9 +34,12 @@ from core.db.models import (
     EvalRun,
     Example,
     Job,
+    LoopState,
+    OnlineScore,
     Request,
     ReviewDecision,
     ReviewItem,
+    Rollout,
     utcnow,
 )
 from core.db.session import make_engine, session_factory, session_scope
@@ -85,7 +88,7 @@ def column_values(obj: Base) -> dict[str, object]:
 def test_migrations_upgrade_to_head_match_the_models_and_downgrade_to_nothing(db_url: str) -> None:
     assert migrate.current(db_url) is None
     migrate.upgrade(db_url)
-    assert migrate.current(db_url) == migrate.head() == "0001"
+    assert migrate.current(db_url) == migrate.head() == "0002"
     assert table_names(db_url) == MODEL_TABLES | {"alembic_version"}
     assert migrate.check_schema_matches_models(db_url) == []
 
@@ -201,10 +204,18 @@ def test_a_row_in_every_table_round_trips(factory: sessionmaker[Session]) -> Non
         session.add_all([decision, example, run, audit, job])
         session.flush()
         metric = EvalMetric(eval_run_id=run.id, name="accuracy", value=0.8125, n=16)
-        session.add(metric)
+        score = OnlineScore(
+            request_id=request.id, route="support", adapter_id=adapter.id, adapter_version="support/v2",
+            window_start=utcnow(), risk=0.25, flagged=True, verdict="edit", overridden=False, gold_correct=True,
+            judge_score=0.5, correct=True, latency_ms=3.5,
+        )  # fmt: skip
+        rollout = Rollout(route="support", candidate_id=adapter.id, baseline_id=parent.id, weights=[0.1, 1.0],
+                          history=[{"step": 0, "passed": True}])  # fmt: skip
+        state = LoopState(route="support", paused=True, reason="maintenance")
+        session.add_all([metric, score, rollout, state])
         session.flush()
         for obj in session.identity_map.values():
-            stored[type(obj), obj.id] = column_values(obj)
+            stored[type(obj), sa.inspect(obj).identity[0]] = column_values(obj)
 
     assert {model.__table__.name for model, _ in stored} == MODEL_TABLES
     with factory() as session:

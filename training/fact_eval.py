@@ -8,12 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.io import normalise_answer as normalise
 from core.vllm import chat_greedy
 from training.domain import Fact
-
-
-def normalise(answer: str) -> str:
-    return " ".join(answer.strip().split()).rstrip(".").casefold()
 
 
 @dataclass

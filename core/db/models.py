@@ -29,6 +29,7 @@ from core.vocab import (
     ReviewReason,
     ReviewStatus,
     Role,
+    RolloutStatus,
     Verdict,
 )
 
@@ -121,7 +122,7 @@ class Adapter(Base):
     parent_id: Mapped[int | None] = mapped_column(sa.ForeignKey("adapters.id"))
     servable: Mapped[bool] = mapped_column(default=True)
     unservable_reason: Mapped[str | None] = mapped_column(sa.Text)
-    status: Mapped[str] = mapped_column(sa.String(16), default=AdapterStatus.REGISTERED)
+    status: Mapped[str] = mapped_column(sa.String(16), default=AdapterStatus.CANDIDATE)
     metrics: Mapped[dict[str, Any] | None]
     manifest: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -314,6 +315,66 @@ class EvalMetric(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     eval_run: Mapped[EvalRun] = relationship(back_populates="metrics")
+
+
+class OnlineScore(Base):
+    """One sampled live exchange, scored by a worker: what the eval suite knows about its quality.
+
+    `correct` is the best judgement available (the test set's gold answer, else the reviewer's
+    verdict, else the judge); `overridden` says a reviewer rejected or edited an answer the guard let
+    through. Windows are `window_start` buckets of `loop.window_s` seconds."""
+
+    __tablename__ = "online_scores"
+    __table_args__ = (sa.Index("ix_online_scores_route_window_start", "route", "window_start"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[str] = mapped_column(sa.ForeignKey("requests.id", ondelete="CASCADE"), unique=True)
+    route: Mapped[str] = mapped_column(sa.String(200))
+    adapter_id: Mapped[int | None] = mapped_column(sa.ForeignKey("adapters.id"))
+    adapter_version: Mapped[str] = mapped_column(sa.String(232))  # `base` or `support/v3`
+    window_start: Mapped[datetime]
+    scored_at: Mapped[datetime] = mapped_column(default=utcnow)
+    risk: Mapped[float | None]
+    flagged: Mapped[bool] = mapped_column(default=False)  # the guard held or blocked it
+    verdict: Mapped[str | None] = mapped_column(sa.String(16))
+    overridden: Mapped[bool | None]
+    gold_correct: Mapped[bool | None]
+    judge_score: Mapped[float | None]
+    correct: Mapped[bool | None]
+    error: Mapped[bool] = mapped_column(default=False)
+    latency_ms: Mapped[float | None]
+
+
+class Rollout(Base):
+    """A canary: one gated candidate taking a route's traffic step by step beside the active version."""
+
+    __tablename__ = "rollouts"
+    __table_args__ = (one_of("status", RolloutStatus), sa.Index("ix_rollouts_route_status", "route", "status"))
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    route: Mapped[str] = mapped_column(sa.String(200))
+    candidate_id: Mapped[int] = mapped_column(sa.ForeignKey("adapters.id"))
+    # NULL: the active version is the base model.
+    baseline_id: Mapped[int | None] = mapped_column(sa.ForeignKey("adapters.id"))
+    status: Mapped[str] = mapped_column(sa.String(16), default=RolloutStatus.RUNNING)
+    step: Mapped[int] = mapped_column(default=0)  # index into `weights`
+    weights: Mapped[list[float]] = mapped_column(JSONDocument)  # the canary's share at each step
+    step_started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    failures: Mapped[int] = mapped_column(default=0)
+    history: Mapped[list[dict[str, Any]]] = mapped_column(JSONDocument, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class LoopState(Base):
+    """Per route: whether the closed loop may act (`tunegate loop pause|resume`)."""
+
+    __tablename__ = "loop_state"
+
+    route: Mapped[str] = mapped_column(sa.String(200), primary_key=True)
+    paused: Mapped[bool] = mapped_column(default=False)
+    reason: Mapped[str | None] = mapped_column(sa.Text)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Job(Base):
