@@ -79,7 +79,12 @@ def audit(session: Session, actor: str, action: str, object_type: str, object_id
 
 
 def transition(
-    session: Session, adapter: Adapter, to: AdapterStatus, actor: str, why: str, evidence: Mapping[str, Any] | None = None
+    session: Session,
+    adapter: Adapter,
+    to: AdapterStatus,
+    actor: str,
+    why: str,
+    evidence: Mapping[str, Any] | None = None,
 ) -> None:
     """Move `adapter` to `to` and write the audit row; `LifecycleError` for a move the graph lacks."""
     current = AdapterStatus(adapter.status)
@@ -182,8 +187,9 @@ def seed_routes(session: Session, routes: Mapping[str, RouteSettings]) -> list[s
                     for adapter, _ in picked:
                         if adapter is not None and adapter.status != S.ACTIVE:
                             adapter.status = S.ACTIVE
-                            audit(session, "settings", "adapter.active", "adapter", adapter.id,
-                                  {"version": version_label(adapter), "why": f"route `{route}` names it in the settings"})  # fmt: skip
+                            why = f"route `{route}` names it in the settings"
+                            detail = {"version": version_label(adapter), "why": why}
+                            audit(session, "settings", "adapter.active", "adapter", adapter.id, detail)
                     audit(session, "settings", "route.seeded", "route", route,
                           {"targets": {version_label(a): w for a, w in picked}})  # fmt: skip
             except IntegrityError:
