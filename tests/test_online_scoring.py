@@ -1,0 +1,241 @@
+"""Online scoring on both backends: the stable sample, one score per exchange (risk, flags, errors, the
+reviewer's verdict, the gold answer, the judge), no double scoring by re-runs or racing workers,
+verdicts decided later, and the per-window summaries."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import Adapter, OnlineScore, Request, ReviewItem, make_engine, migrate, session_factory
+from core.loop_settings import LoopSettings
+from evalsuite.scoring import (
+    current_quality,
+    insert_scores,
+    refresh_verdicts,
+    sampled,
+    score_new_traffic,
+    window_quality,
+    window_start,
+)
+
+from .conftest import reset_postgres_schema
+
+ROUTE = "support"
+NOW = datetime(2025, 3, 4, 12, 0, 0, tzinfo=UTC)
+GOLD = {"what is the standing charge of t417?": "12.40 EUR per month."}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/t.db"
+    else:
+        url = request.getfixturevalue("postgres_database")
+        reset_postgres_schema(url)
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    yield session_factory(engine)
+    engine.dispose()
+
+
+def add_request(session: Session, i: int, **kw) -> Request:
+    question = kw.pop("question", f"Question number {i}?")
+    row = Request(
+        id=kw.pop("id", f"{i:032x}"),
+        created_at=kw.pop("created_at", NOW - timedelta(seconds=600 - i)),
+        route=kw.pop("route", ROUTE),
+        endpoint=kw.pop("endpoint", "chat"),
+        status_code=kw.pop("status_code", 200),
+        request_json={"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": question}]},
+        answer_text=kw.pop("answer", "An answer."),
+        risk=kw.pop("risk", 0.1),
+        decision=kw.pop("decision", "allow"),
+        latency_ms=kw.pop("latency_ms", 100.0 + i),
+        **kw,
+    )
+    session.add(row)
+    return row
+
+
+def decide(session: Session, request_id: str, verdict: str, decision_at: datetime = NOW) -> None:
+    session.add(ReviewItem(request_id=request_id, reason="held", status="decided", final_verdict=verdict,
+                           decided_at=decision_at, created_at=decision_at))  # fmt: skip
+
+
+def test_the_sample_is_stable_and_near_the_rate() -> None:
+    ids = [f"{i:032x}" for i in range(4000)]
+    share = sum(sampled(i, 0.2) for i in ids) / len(ids)
+    assert 0.17 < share < 0.23
+    assert [sampled(i, 0.2) for i in ids] == [sampled(i, 0.2) for i in ids]
+    assert not any(sampled(i, 0.0) for i in ids[:50]) and all(sampled(i, 1.0) for i in ids[:50])
+    assert window_start(datetime(2025, 3, 4, 12, 7, 31, tzinfo=UTC), 300) == datetime(2025, 3, 4, 12, 5, tzinfo=UTC)
+
+
+def test_each_exchange_is_scored_with_everything_known_about_it(factory: sessionmaker[Session]) -> None:
+    settings = LoopSettings(score_sample_rate=1.0, window_s=300)
+    with factory.begin() as s:
+        s.add(Adapter(id=7, name="support", version=2, base_model_hash="h"))
+        s.flush()
+        add_request(s, 1, question="What is the standing charge of T417?", answer="12.40 eur per month")  # gold right
+        add_request(s, 2, question="What is the standing charge of T417?", answer="10 EUR.", adapter_id=7)  # gold wrong
+        add_request(s, 3, decision="hold", risk=0.8)  # held, approved by a reviewer
+        decide(s, f"{3:032x}", "approve")
+        add_request(s, 4, risk=0.3)  # let through, rejected by a reviewer: an override
+        decide(s, f"{4:032x}", "reject")
+        add_request(s, 5, status_code=502, answer=None, decision=None, risk=None)  # upstream error
+        add_request(s, 6, answer="I think so.")  # judged only
+        add_request(s, 7, endpoint="embeddings")  # not an exchange we score
+        add_request(s, 8, created_at=NOW - timedelta(days=3))  # older than the lookback
+    judge = lambda q, a: 0.9 if a == "I think so." else 0.2  # noqa: E731
+    with factory.begin() as s:
+        batch = score_new_traffic(s, settings, GOLD, judge=judge, now=NOW)
+    assert batch.to_dict() == {"examined": 6, "sampled": 6, "inserted": 6, "duplicates": 0, "with_gold": 2,
+                               "reviewed": 2, "judged": 5, "judge_errors": 0}  # fmt: skip
+    with factory() as s:
+        scores = {int(x.request_id, 16): x for x in s.scalars(sa.select(OnlineScore))}
+    assert set(scores) == {1, 2, 3, 4, 5, 6}
+    assert (scores[1].gold_correct, scores[1].correct, scores[1].adapter_version) == (True, True, "base")
+    assert (scores[2].gold_correct, scores[2].correct, scores[2].adapter_version) == (False, False, "support/v2")
+    assert scores[2].adapter_id == 7
+    assert (scores[3].flagged, scores[3].verdict, scores[3].overridden, scores[3].correct) == (
+        True,
+        "approve",
+        None,
+        True,
+    )
+    assert (scores[4].flagged, scores[4].verdict, scores[4].overridden, scores[4].correct) == (
+        False,
+        "reject",
+        True,
+        False,
+    )
+    assert scores[5].error and scores[5].risk is None and scores[5].correct is None and scores[5].judge_score is None
+    assert (scores[6].judge_score, scores[6].correct, scores[6].verdict, scores[6].overridden) == (
+        0.9,
+        True,
+        None,
+        None,
+    )
+    assert all(not scores[i].error for i in (1, 2, 3, 4, 6))
+    assert scores[1].window_start == window_start(NOW - timedelta(seconds=599), 300)
+    assert scores[4].risk == 0.3 and scores[4].latency_ms == 104.0
+    with factory.begin() as s:  # a re-run finds nothing new
+        again = score_new_traffic(s, settings, GOLD, judge=judge, now=NOW)
+    assert (again.examined, again.inserted) == (0, 0)
+
+
+def test_only_the_stable_sample_is_scored_and_never_twice(factory: sessionmaker[Session]) -> None:
+    settings = LoopSettings(score_sample_rate=0.3)
+    with factory.begin() as s:
+        ids = [add_request(s, i, created_at=NOW - timedelta(seconds=i)).id for i in range(200)]
+    with factory.begin() as s:
+        first = score_new_traffic(s, settings, {}, now=NOW, limit=20)
+    with factory.begin() as s:
+        rest = score_new_traffic(s, settings, {}, now=NOW)
+    with factory.begin() as s:
+        third = score_new_traffic(s, settings, {}, now=NOW)
+    expected = {i for i in ids if sampled(i, 0.3)}
+    with factory() as s:
+        scored = list(s.scalars(sa.select(OnlineScore.request_id)))
+    assert sorted(scored) == sorted(expected) and len(scored) == len(set(scored))
+    assert first.inserted == 20 and first.inserted + rest.inserted == len(expected) and third.inserted == 0
+    assert 30 < len(expected) < 90
+
+
+def test_duplicates_are_skipped_and_racing_workers_score_each_exchange_once(factory: sessionmaker[Session]) -> None:
+    settings = LoopSettings(score_sample_rate=1.0)
+    with factory.begin() as s:
+        for i in range(60):
+            add_request(s, i)
+    row = {"request_id": f"{0:032x}", "route": ROUTE, "adapter_id": None, "adapter_version": "base",
+           "window_start": NOW, "risk": 0.1, "flagged": False, "error": False}  # fmt: skip
+    with factory.begin() as s:
+        assert insert_scores(s, [row]) == 1
+    with factory.begin() as s:
+        assert insert_scores(s, [row, {**row, "request_id": f"{1:032x}"}]) == 1
+    results, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def worker() -> None:
+        try:
+            barrier.wait()
+            with factory.begin() as s:
+                results.append(score_new_traffic(s, settings, {}, now=NOW))
+        except Exception as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors
+    with factory() as s:
+        assert s.scalar(sa.select(sa.func.count()).select_from(OnlineScore)) == 60
+    assert sum(r.inserted for r in results) == 58
+
+
+def test_a_verdict_decided_later_reaches_the_score(factory: sessionmaker[Session]) -> None:
+    settings = LoopSettings(score_sample_rate=1.0)
+    with factory.begin() as s:
+        add_request(s, 1, risk=0.4)  # let through
+        add_request(s, 2, decision="hold", risk=0.9)
+        add_request(s, 3, question="What is the standing charge of T417?", answer="12.40 EUR per month")
+        for i in (1, 2, 3):
+            s.add(ReviewItem(request_id=f"{i:032x}", reason="sampled", status="pending"))
+    with factory.begin() as s:
+        score_new_traffic(s, settings, GOLD, now=NOW)
+    with factory.begin() as s:
+        for item in s.scalars(sa.select(ReviewItem)):
+            item.status, item.final_verdict, item.decided_at = "decided", "edit", NOW
+    with factory.begin() as s:
+        assert refresh_verdicts(s) == 3
+    with factory.begin() as s:
+        assert refresh_verdicts(s) == 0
+        scores = {int(x.request_id, 16): x for x in s.scalars(sa.select(OnlineScore))}
+    assert (scores[1].verdict, scores[1].overridden, scores[1].correct) == ("edit", True, False)
+    assert (scores[2].verdict, scores[2].overridden, scores[2].correct) == ("edit", None, False)
+    assert (scores[3].verdict, scores[3].gold_correct, scores[3].correct) == ("edit", True, True)  # gold wins
+
+
+def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> None:
+    w0 = datetime(2025, 3, 4, 11, 0, tzinfo=UTC)
+    w1 = w0 + timedelta(seconds=300)
+
+    def score(i: int, window: datetime, version: str = "base", **kw) -> OnlineScore:
+        base = {"risk": 0.2, "flagged": False, "error": False, "latency_ms": float(i)}
+        return OnlineScore(request_id=f"{i:032x}", route=ROUTE, adapter_version=version, window_start=window,
+                           **{**base, **kw})  # fmt: skip
+
+    with factory.begin() as s:
+        for i in range(1, 21):
+            add_request(s, i)
+        s.flush()
+        s.add_all([
+            score(1, w0, correct=True, overridden=False), score(2, w0, correct=False, overridden=True),
+            score(3, w0, correct=True, flagged=True), score(4, w0, error=True, risk=None, latency_ms=None),
+            score(5, w1, correct=True), score(6, w1, correct=True, risk=0.6),
+            score(7, w1, "support/v2", correct=False, flagged=True),
+        ])  # fmt: skip
+    with factory() as s:
+        rows = window_quality(s, ROUTE)
+        later = window_quality(s, since=w1)
+        other = window_quality(s, "billing")
+        summary = current_quality(s, ROUTE, "base", last_n=3)
+    assert [(r.window_start, r.adapter_version) for r in rows] == [(w0, "base"), (w1, "base"), (w1, "support/v2")]
+    first = rows[0].to_dict()
+    assert first == {"route": ROUTE, "adapter_version": "base", "window_start": w0.isoformat(), "n": 4,
+                     "judged": 3, "quality": round(2 / 3, 6), "flag_rate": 0.25, "reviewed": 2,
+                     "override_rate": 0.5, "error_rate": 0.25, "mean_risk": 0.2,
+                     "p95_latency_ms": 2.9}  # fmt: skip
+    assert rows[2].quality == 0.0 and rows[2].flag_rate == 1.0 and rows[2].override_rate is None
+    assert len(later) == 2 and other == []
+    assert summary.n == 3 and summary.since == w0 and summary.quality == 1.0  # scores 4 (unjudged), 5, 6
+    assert summary.mean_risk == 0.4 and summary.to_dict()["since"] == w0.isoformat()
