@@ -14,6 +14,10 @@ from core.db import Request, ReviewItem
 from core.io import last_user_text
 from core.vocab import Verdict
 
+# The dataset reviewed answers become training examples in (kind train, source review), one per decided
+# item: the review service writes it, the eval suite splits it into test set, holdout and labels.
+REVIEWED_DATASET = "reviewed"
+
 
 def review_rows(session: Session) -> list[dict]:
     """`{question, context, answer, verdict, corrected_answer}` for every decided review item."""

@@ -113,6 +113,16 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     ),
 )  # fmt: skip
 ATTRIBUTE_BY_NAME = {a.name: a for a in ATTRIBUTES}
+# One more phrasing per attribute that no training set, pre-training included, ever uses: the loop's
+# measurement of whether an adapter learnt the fact or the sentence. Not part of `Fact`, so the domain's
+# content hash (the base model's cache key) is unchanged.
+UNSEEN_TEMPLATES = {
+    "region": "Could you say which region tariff {code} belongs to?",
+    "standing_charge": "Could you say what the monthly standing charge of tariff {code} is?",
+    "unit_rate": "Could you say what a kWh costs on tariff {code}?",
+    "late_fee": "Could you say what a late payment costs on tariff {code}?",
+    "contract_term": "Could you say how long the contract of tariff {code} runs?",
+}
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,11 @@ class Fact:
     @property
     def key(self) -> str:
         return f"{self.code}/{self.attribute}"
+
+    @property
+    def unseen_question(self) -> str:
+        """The phrasing no training ever used (`UNSEEN_TEMPLATES`)."""
+        return UNSEEN_TEMPLATES[self.attribute].format(code=self.code)
 
     def messages(self, question: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": question}, {"role": "assistant", "content": self.answer}]

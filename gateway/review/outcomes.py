@@ -37,13 +37,13 @@ from sqlalchemy.orm import Session
 
 from core.db import AuditLog, Dataset, Example, Request, ReviewDecision, ReviewItem
 from core.io import last_user_text, sha256_text
+from core.labels import REVIEWED_DATASET
 from core.settings import ReviewSettings, mask_url
 from core.vocab import DatasetKind, ExampleSource, ReviewReason, ReviewStatus, Verdict
 from gateway.review.schemas import AgreementRow, ReviewOutcome
 
 log = logging.getLogger("tunegate.review")
 
-REVIEWED_DATASET = "reviewed"
 WEBHOOK_TIMEOUT_S = 3.0
 CAUTION = {Verdict.APPROVE: 0, Verdict.EDIT: 1, Verdict.REJECT: 2}  # ties go to the more conservative verdict
 FINAL = (ReviewStatus.DECIDED, ReviewStatus.EXPIRED)

@@ -2,7 +2,8 @@
 
 Commands import their package lazily, so `tunegate --help` stays fast and a settings error is
 reported before any heavy import. One module per group of commands: `store` (db, settings, keys),
-`model` (domain, bootstrap, data, train, adapters), `guard`, `bench`; `serve` and `demo` are here.
+`model` (domain, bootstrap, data, train, adapters), `guard`, `bench`, `loop` (worker, loop,
+evals, report); `serve` and `demo` are here.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import typer
 from rich.console import Console
 
 from tunegate.cli.bench import bench_app
-from tunegate.cli.common import ConfigOption, console, settings_or_exit
+from tunegate.cli.common import ConfigOption, JsonOption, console, settings_or_exit
 from tunegate.cli.guard import guard_app
+from tunegate.cli.loop import evals_app, loop_app, worker_app
 from tunegate.cli.model import adapters_app, data_app, domain_app, train_app
 from tunegate.cli.store import db_app, keys_app, settings_app
 
@@ -27,7 +29,9 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(settings_app, name="settings")
 app.add_typer(domain_app, name="domain")
 app.add_typer(guard_app, name="guard")
-app.registered_commands += train_app.registered_commands
+app.add_typer(loop_app, name="loop")
+app.add_typer(evals_app, name="evals")
+app.registered_commands += train_app.registered_commands + worker_app.registered_commands
 
 
 @app.command()
@@ -50,12 +54,17 @@ def serve(
 
 
 @app.command()
-def demo(config: ConfigOption = None) -> None:
-    """Run the loop as far as it is built, on the embedded default, and say what was done."""
+def demo(config: ConfigOption = None, json_out: JsonOption = False) -> None:
+    """Run the closed loop on the embedded default and say what was done (with --json, the story goes to
+    stderr and the results to stdout as one JSON object)."""
+    import json
+
     from tunegate.demo import run_demo
 
     settings = settings_or_exit(config)
-    run_demo(settings, Console())
+    summary = run_demo(settings, Console(stderr=json_out))
+    if json_out:
+        print(json.dumps(summary, default=str), flush=True)
     exit_without_native_teardown(0)
 
 

@@ -1,0 +1,397 @@
+"""The closed loop, wired: what a `tunegate worker` does, one step after another, for every route.
+
+One pass (`Loop.tick`) over a route, each step in its own transaction, each safe to run again:
+
+    assign reviewed labels (holdout / test set / training)  -> evalsuite.testsets
+    score sampled live traffic, refresh verdicts             -> evalsuite.scoring
+    drift of risk, flag rate and inputs                      -> evalsuite.drift
+    fill the review queue by priority within the budget      -> evalsuite.prioritise
+    guard-reviewer agreement, re-fit the guard if it falls   -> evalsuite.agreement
+    triggers: file a training job on a content-hashed snapshot -> evalsuite.triggers
+    gate candidates through vLLM beside the active version   -> evalsuite.gate
+    start and advance canaries (promote or roll back)        -> evalsuite.canary
+
+Training jobs (`jobs` kind `train`) are claimed through the jobs table like everything else that may
+run on any of several workers (`core.db.jobs`); their handler curates the snapshot (the contamination
+rule against the route's test set and holdout), trains with TRL and registers a `candidate`.
+
+This module is wiring (the `tunegate` layer): it may import every package below it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import sessionmaker
+
+from core.db import Adapter, EvalRun, OnlineScore, Request, jobs, make_engine, session_factory, session_scope, utcnow
+from core.io import read_jsonl, write_jsonl
+from core.lifecycle import BASE, active_target, route_table, seed_routes
+from core.settings import Settings
+from core.vllm import chat_greedy, load_adapter
+from core.vocab import AdapterStatus, EvalKind, EvalStatus
+from evalsuite import canary, drift, gate, testsets, triggers
+
+log = logging.getLogger("tunegate.loop")
+TRAIN_LEASE_S = 900
+
+
+def served_name(adapter: Adapter | None, base_name: str) -> str:
+    """The name vLLM serves a version under: the gateway's naming, so both share one loaded adapter."""
+    return base_name if adapter is None else f"{adapter.name}-v{adapter.version}"
+
+
+@dataclass
+class Loop:
+    settings: Settings
+    vllm_url: str
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}-{id(object())}")
+    sessions: sessionmaker = None  # type: ignore[assignment]
+    replay: dict[str, list[dict]] = field(default_factory=dict)  # route -> the base model's training rows
+    curated: dict[str, list[dict]] = field(default_factory=dict)  # route -> rows an operator added
+    metrics: Any = None  # evalsuite.metrics.LoopMetrics when the worker exports metrics
+    last: dict[str, Any] = field(default_factory=dict)  # what the latest pass found, per route and step
+
+    def __post_init__(self) -> None:
+        if self.sessions is None:
+            self.sessions = session_factory(make_engine(self.settings.database_url))
+
+    @cached_property
+    def embed(self):
+        return drift.minilm_embedder()
+
+    def answer(self, model: str, conversations) -> list[str]:
+        return chat_greedy(self.vllm_url, model, conversations)
+
+    def routes(self) -> list[str]:
+        with session_scope(self.sessions) as session:
+            seed_routes(session, self.settings.routes)
+            return sorted(route_table(session))
+
+    # --- one pass -------------------------------------------------------------------------------
+
+    def tick(self) -> dict[str, Any]:
+        """Every step for every route (see the module docstring); returns what each found."""
+        from evalsuite import scoring
+
+        out: dict[str, Any] = {}
+        for route in self.routes():
+            with session_scope(self.sessions) as session:
+                out[f"{route}.assign"] = testsets.assign_reviewed(session, route, self.settings.loop).to_dict()
+        with session_scope(self.sessions) as session:
+            gold = {r: testsets.gold_answers(session, r) for r in route_table(session)}
+            out["score"] = scoring.score_new_traffic(session, self.settings.loop, _merge(gold)).to_dict()
+            scoring.refresh_verdicts(session)
+        for route in self.routes():
+            out[f"{route}.drift"] = self.step_drift(route)
+            out[f"{route}.prioritise"] = self.step_prioritise(route)
+            out[f"{route}.agreement"] = self.step_agreement(route)
+            out[f"{route}.trigger"] = self.step_trigger(route)
+        out["train"] = self.run_training_jobs()
+        for route in self.routes():
+            out[f"{route}.gate"] = self.step_gate(route)
+            out[f"{route}.canary"] = self.step_canary(route)
+        if self.metrics is not None:
+            with self.sessions() as session:
+                self.metrics.update_from_db(session, self.settings)
+        self.last = out
+        return out
+
+    def step_drift(self, route: str) -> dict | None:
+        """Newest `window_size` scored exchanges against the oldest `reference_size` (no overlap)."""
+        cfg = self.settings.loop.drift
+        with session_scope(self.sessions) as session:
+            query = (
+                sa.select(OnlineScore.risk, OnlineScore.flagged, Request.prompt_text)
+                .join(Request, Request.id == OnlineScore.request_id)
+                .where(OnlineScore.route == route)
+            )
+            reference = session.execute(query.order_by(OnlineScore.id).limit(cfg.reference_size)).all()
+            current = session.execute(query.order_by(OnlineScore.id.desc()).limit(cfg.window_size)).all()
+            total = session.scalar(sa.select(sa.func.count()).where(OnlineScore.route == route)) or 0
+            if total < cfg.reference_size + cfg.window_size // 2:
+                return None  # the windows would overlap: not enough traffic yet
+            current = current[: total - len(reference)]
+            report = {
+                "risk": drift.numeric_drift(
+                    [r.risk for r in reference if r.risk is not None],
+                    [r.risk for r in current if r.risk is not None],
+                    threshold_small=cfg.p_value,
+                    threshold_wasserstein=cfg.wasserstein,
+                    threshold_psi=cfg.psi,
+                ).to_dict(),
+                "flag_rate": drift.rate_drift(
+                    [r.flagged for r in reference], [r.flagged for r in current], threshold=cfg.p_value
+                ).to_dict(),
+                "embedding": drift.embedding_drift(
+                    [r.prompt_text or "" for r in reference],
+                    [r.prompt_text or "" for r in current],
+                    self.embed,
+                    auroc_threshold=cfg.auroc,
+                ).to_dict(),
+            }
+            drifted = any(part.get("drifted") for part in report.values())
+            summary = {"drift": report, "route": route, "drifted": drifted, "window_end": utcnow().isoformat()}
+            session.add(
+                EvalRun(kind=EvalKind.ONLINE, status=EvalStatus.SUCCEEDED, finished_at=utcnow(), summary=summary)
+            )
+        if self.metrics is not None:
+            self.metrics.set_drift(route, report)
+        return summary
+
+    def latest_drift(self, session, route: str) -> dict | None:
+        runs = session.scalars(
+            sa.select(EvalRun).where(EvalRun.kind == EvalKind.ONLINE).order_by(EvalRun.id.desc()).limit(20)
+        ).all()
+        return next((r.summary for r in runs if (r.summary or {}).get("route") == route), None)
+
+    def step_prioritise(self, route: str) -> dict:
+        from evalsuite import prioritise
+
+        policy = (self.settings.routes.get(route) or self.settings).model_dump().get("policy") or {}
+        hold_at = policy.get("hold_at", self.settings.guardrails.policy.hold_at)
+        with session_scope(self.sessions) as session:
+            known = [r["messages"][0]["content"] for r in self.replay.get(route, [])[:2000]]
+            known += [r["messages"][0]["content"] for r in testsets.training_labels(session, route)]
+            typical = [
+                t["text"]
+                for t in (
+                    (self.latest_drift(session, route) or {})
+                    .get("drift", {})
+                    .get("embedding", {})
+                    .get("typical_drifted")
+                    or []
+                )
+            ]
+            return prioritise.fill_review_queue(
+                session, route, self.settings.loop, hold_at, known, self.embed, drift_texts=typical
+            ).to_dict()
+
+    def step_agreement(self, route: str) -> dict:
+        from evalsuite import agreement
+
+        with session_scope(self.sessions) as session:
+            rows = agreement.agreement_by_window(session, route)
+            result: dict = {"windows": [r.to_dict() for r in rows[-3:]]}
+            if self.metrics is not None and rows:
+                self.metrics.set_agreement(route, rows[-1].agreement)
+            if agreement.needs_refit(rows, self.settings.loop):
+                from guardrails.calibration import Calibration
+                from guardrails.guard import calibration_path_for
+                from guardrails.registry import build_detectors
+
+                path = calibration_path_for(self.settings.guardrails, self.settings.var_dir)
+                current = Calibration.load(path) if path.exists() else None
+                refit = agreement.refit_calibration(session, build_detectors(self.settings.guardrails), current, path)
+                result["refit"] = refit.to_dict()
+            return result
+
+    def step_trigger(self, route: str) -> dict:
+        from evalsuite import scoring
+
+        with session_scope(self.sessions) as session:
+            active = active_target(route_table(session).get(route, []))
+            rows = [w for w in scoring.window_quality(session, route) if active and w.adapter_version == active.label]
+            scored = sum(w.n for w in rows[-3:])
+            quality = _mean_quality(rows[-3:])
+            drifted = bool((self.latest_drift(session, route) or {}).get("drifted"))
+            decision = triggers.decide(session, route, self.settings.loop, quality, scored, drifted)
+            if decision.fire:
+                rows_, counts = triggers.snapshot_rows(
+                    session, route, self.replay.get(route, []), self.curated.get(route, []), self.settings.loop
+                )
+                job = triggers.file_training_job(session, decision, rows_, counts, self.snapshot_dir)
+                return decision.to_dict() | {"job_id": job.id, "counts": counts}
+            return decision.to_dict()
+
+    @property
+    def snapshot_dir(self) -> Path:
+        return self.settings.var_dir / "loop" / "snapshots"
+
+    # --- training jobs --------------------------------------------------------------------------
+
+    def run_training_jobs(self) -> list[dict]:
+        done = []
+        while True:
+            with session_scope(self.sessions) as session:
+                job = jobs.claim(session, self.worker, kinds=[triggers.TRAIN_JOB], lease_s=TRAIN_LEASE_S)
+                claimed = None if job is None else (job.id, job.attempts, dict(job.payload))
+            if claimed is None:
+                return done
+            job_id, attempts, payload = claimed
+            try:
+                result = self.train(payload)
+            except Exception as err:  # recorded on the job; the loop goes on
+                log.exception("training job %s failed", job_id)
+                with session_scope(self.sessions) as session:
+                    jobs.fail(session, _held(session, job_id, attempts), f"{type(err).__name__}: {err}")
+                done.append({"job_id": job_id, "error": str(err)})
+                continue
+            with session_scope(self.sessions) as session:
+                jobs.complete(session, _held(session, job_id, attempts), result)
+            done.append({"job_id": job_id, **result})
+
+    def train(self, payload: dict) -> dict:
+        """Curate the snapshot against the route's test set and holdout, train, register a candidate."""
+        from transformers import AutoTokenizer
+
+        from training.bootstrap import base_model_path
+        from training.curation import CurationConfig, curate
+        from training.sft import TrainConfig
+        from training.workflow import train_and_register
+
+        route = payload["route"]
+        with self.sessions() as session:
+            tests = testsets.contamination_texts(session, route)
+        out = self.snapshot_dir.parent / "runs" / payload["content_hash"][:16]
+        base = base_model_path(self.settings)
+        curated = curate(
+            [payload["snapshot"]],
+            out / "curated",
+            CurationConfig(max_tokens=self.settings.vllm.max_model_len),
+            tokenizer=AutoTokenizer.from_pretrained(base),
+            test_texts=tests,
+        )
+        config = TrainConfig(
+            name=route,
+            train_file=out / "curated" / "train.jsonl",
+            validation_file=out / "curated" / "validation.jsonl",
+            max_steps=self.settings.loop.train_max_steps,
+            eval_steps=50,
+        )
+        trained = train_and_register(self.settings, config, progress=False)
+        report = curated.to_dict()
+        return {
+            "adapter_id": trained.get("adapter_id"),
+            "version": trained.get("version"),
+            "train_rows": curated.train_rows,
+            "validation_rows": curated.validation_rows,
+            "contaminated_removed": report["rejected_by_rule"].get("contamination", 0),
+            "eval_loss": trained["metrics"].get("eval_loss"),
+        }
+
+    # --- gate and canary ------------------------------------------------------------------------
+
+    def _load(self, adapter: Adapter | None) -> str:
+        name = served_name(adapter, self.settings.base_model.served_name)
+        if adapter is not None:
+            path = (self.settings.adapters_dir / adapter.name / f"v{adapter.version}").resolve()
+            load_adapter(self.vllm_url, name, path)
+        return name
+
+    def step_gate(self, route: str) -> list[dict]:
+        records = []
+        with session_scope(self.sessions) as session:
+            trained = {(j.result or {}).get("adapter_id") for j in triggers.training_jobs(session, route)}
+            waiting = session.scalars(
+                sa.select(Adapter).where(Adapter.id.in_(trained - {None}), Adapter.status == AdapterStatus.CANDIDATE)
+            ).all()
+            version = testsets.current_version(session, route)
+            for candidate in waiting:
+                if _already_waited(session, candidate, version):
+                    continue  # "not enough evidence" on this test set version: wait for labels
+                active = active_target(route_table(session).get(route, []))
+                baseline = session.get(Adapter, active.adapter_id) if active and active.adapter_id else None
+                record = gate.run_gate(
+                    session,
+                    route,
+                    candidate,
+                    self._load(candidate),
+                    baseline,
+                    self._load(baseline),
+                    self.answer,
+                    self.settings.loop.gate,
+                )
+                records.append(record.to_dict())
+        return records
+
+    def step_canary(self, route: str) -> list[str]:
+        outcomes = []
+        with session_scope(self.sessions) as session:
+            for rollout in canary.running_rollouts(session):
+                if rollout.route == route:
+                    outcomes.append(canary.advance(session, rollout, self.settings.loop.canary))
+                    if self.metrics is not None:
+                        self.metrics.set_canary(rollout)
+            running = any(r.route == route for r in canary.running_rollouts(session))
+            gated = session.scalars(
+                sa.select(Adapter)
+                .where(Adapter.name == route, Adapter.status == AdapterStatus.GATED)
+                .order_by(Adapter.version.desc())
+            ).first()
+            if gated is not None and not running:
+                self._load(gated)
+                canary.start_rollout(session, route, gated, self.settings.loop.canary)
+                outcomes.append("started")
+        return outcomes
+
+
+def _held(session, job_id: int, attempts: int):
+    job = session.get_one(jobs.Job, job_id, populate_existing=True)
+    job.attempts = attempts  # the claim this worker made; `complete`/`fail` refuse a newer one
+    return job
+
+
+def _already_waited(session, candidate: Adapter, test_version: int | None) -> bool:
+    last = session.scalars(
+        sa.select(EvalRun)
+        .where(EvalRun.kind == EvalKind.GATE, EvalRun.adapter_id == candidate.id)
+        .order_by(EvalRun.id.desc())
+    ).first()
+    return bool(last and (last.summary or {}).get("test_version") == test_version)
+
+
+def _merge(gold: dict[str, dict[str, str]]) -> dict[str, str]:
+    merged: dict[str, str] = {}
+    for per_route in gold.values():
+        merged.update(per_route)
+    return merged
+
+
+def _mean_quality(rows) -> float | None:
+    pairs = [(w.quality, w.n) for w in rows if w.quality is not None]
+    total = sum(n for _, n in pairs)
+    return sum(q * n for q, n in pairs) / total if total else None
+
+
+def run_worker(loop: Loop, once: bool = False, stop=None) -> None:
+    """`tunegate worker`: a pass every `loop.interval_s` until `stop()` is true (or once)."""
+    while True:
+        started = time.monotonic()
+        try:
+            found = loop.tick()
+            log.info("loop pass: %s", json.dumps(found, default=str)[:2000])
+        except Exception:
+            log.exception("loop pass failed")
+        if once or (stop is not None and stop()):
+            return
+        time.sleep(max(0.0, loop.settings.loop.interval_s - (time.monotonic() - started)))
+
+
+def base_replay(settings: Settings) -> list[dict]:
+    """The base model's own training data, to replay: for the embedded base, its pre-training set."""
+    if settings.base_model.path:
+        return []
+    from training.domain import Domain
+
+    domain = Domain()
+    return domain.qa_examples(domain.old_facts)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [row for _, row in read_jsonl(path)]
+
+
+def write_rows(path: Path, rows: list[dict]) -> Path:
+    return write_jsonl(path, rows, atomic=True)
+
+
+__all__ = ["BASE", "Loop", "base_replay", "run_worker", "served_name"]
