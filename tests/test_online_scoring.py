@@ -239,3 +239,69 @@ def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> N
     assert len(later) == 2 and other == []
     assert summary.n == 3 and summary.since == w0 and summary.quality == 1.0  # scores 4 (unjudged), 5, 6
     assert summary.mean_risk == 0.4 and summary.to_dict()["since"] == w0.isoformat()
+
+
+def test_loop_metrics_export_the_latest_window_and_what_the_worker_sets(factory: sessionmaker[Session]) -> None:
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from evalsuite.metrics import LoopMetrics
+
+    settings = LoopSettings(window_s=300)
+    now = datetime(2025, 3, 4, 12, 0, tzinfo=UTC)
+    old, new = now - timedelta(minutes=20), now - timedelta(minutes=5)
+    with factory.begin() as s:
+        for i in range(1, 9):
+            add_request(s, i)
+        s.flush()
+        rows = [
+            (1, old, "base", {"correct": False}),  # an older window: not exported
+            (2, new, "base", {"correct": True, "overridden": False}),
+            (3, new, "base", {"correct": False, "flagged": True, "overridden": True}),
+            (4, new, "base", {"error": True}),
+            (5, new, "base", {"correct": True}),
+            (6, new, "support/v2", {"correct": True}),
+            (7, now - timedelta(days=3), "support/v1", {"correct": True}),  # gone quiet
+        ]
+        for i, window, version, kw in rows:
+            s.add(OnlineScore(request_id=f"{i:032x}", route=ROUTE, adapter_version=version, window_start=window,
+                              **{"flagged": False, "error": False, **kw}))  # fmt: skip
+    metrics = LoopMetrics()
+    with factory() as s:
+        used = metrics.update_from_db(s, settings, now=now)
+    assert sorted(r.adapter_version for r in used) == ["base", "support/v2"]
+    metrics.set_drift(ROUTE, 0.81, True, 0.12)
+    metrics.set_agreement(ROUTE, 0.9)
+    metrics.set_canary(ROUTE, "support/v2", 0.5)
+    metrics.canary_rolled_back(ROUTE, "support/v3")
+    metrics.set_review_budget_left(ROUTE, 17)
+    metrics.set_adapter_status(ROUTE, "support/v2", "gated")
+    metrics.set_adapter_status(ROUTE, "support/v2", "canary")
+    metrics.job_finished("score", "succeeded", at=1700000000.0)
+    metrics.job_finished("score", "succeeded", at=1700000060.0)
+    text = generate_latest(metrics.registry).decode()
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    base = (("adapter_version", "base"), ("route", ROUTE))
+    v2 = (("adapter_version", "support/v2"), ("route", ROUTE))
+    assert samples[("tunegate_quality", base)] == pytest.approx(2 / 3)
+    assert samples[("tunegate_flag_rate", base)] == 0.25
+    assert samples[("tunegate_override_rate", base)] == 0.5
+    assert samples[("tunegate_error_rate", base)] == 0.25
+    assert samples[("tunegate_quality", v2)] == 1.0 and ("tunegate_override_rate", v2) not in samples
+    assert not any(dict(labels).get("adapter_version") == "support/v1" for _, labels in samples)
+    assert samples[("tunegate_drift_auroc", (("route", ROUTE),))] == 0.81
+    assert samples[("tunegate_drift_detected", (("route", ROUTE),))] == 1.0
+    assert samples[("tunegate_risk_drift_statistic", (("route", ROUTE),))] == 0.12
+    assert samples[("tunegate_guard_agreement", (("route", ROUTE),))] == 0.9
+    assert samples[("tunegate_canary_weight", v2)] == 0.5
+    assert samples[("tunegate_canary_weight", (("adapter_version", "support/v3"), ("route", ROUTE)))] == -1.0
+    assert samples[("tunegate_review_budget_left", (("route", ROUTE),))] == 17
+    assert samples[("tunegate_adapter_status", (*v2[:1], ("route", ROUTE), ("status", "canary")))] == 1.0
+    assert ("tunegate_adapter_status", (*v2[:1], ("route", ROUTE), ("status", "gated"))) not in samples
+    assert samples[("tunegate_loop_jobs_total", (("kind", "score"), ("result", "succeeded")))] == 2.0
+    assert samples[("tunegate_loop_last_run_timestamp_seconds", (("kind", "score"),))] == 1700000060.0
+    assert 'tunegate_quality{adapter_version="support/v2",route="support"} 1.0' in text
