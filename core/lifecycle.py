@@ -153,7 +153,8 @@ def set_weights(
 
 def _resolve_seed(session: Session, adapter: str, version: str) -> Adapter | None:
     query = sa.select(Adapter).where(Adapter.name == adapter, Adapter.servable.is_(True))
-    if version == "latest":
+    if version == "latest":  # the newest servable version no check turned down
+        query = query.where(Adapter.status.not_in([S.REJECTED, S.ROLLED_BACK]))
         query = query.order_by(Adapter.version.desc()).limit(1)
     else:
         query = query.where(Adapter.version == int(version.removeprefix("v")))

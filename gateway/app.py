@@ -1,7 +1,8 @@
 """The gateway application: `create_app()` builds the FastAPI app; its lifespan builds the services
 (vLLM client, router, adapter manager, limits, guard, recorder and traffic log, review queue, metrics)
 into one `Services` container, which the providers of `gateway.deps` hand out piece by piece, and
-tears them down, writing every queued traffic-log row before the process exits.
+tears them down, writing every queued traffic-log row before the process exits. At start-up it seeds
+the database's routes from the settings' routes it lacks (`core.lifecycle.seed_routes`).
 
 uvicorn runs it as a factory (`gateway.app:create_app`), so nothing is built at import time and
 each worker process reads its settings (`TUNEGATE_*`, `tunegate.yaml`) when it starts.
@@ -52,7 +53,7 @@ def build_services(settings: Settings, transport=None) -> Services:
     sessions = session_factory(make_engine(settings.database_url))
     metrics = Metrics()
     upstream = Upstream(settings.vllm.url, gw, transport=transport)
-    router = Router(settings, sessions)
+    router = Router(settings, sessions, metrics)  # refreshes `metrics.serve_routes` with each read
     traffic = TrafficLog(sessions, gw, metrics, var_dir=settings.var_dir)  # spill and dead-letter files
     review = ReviewService(sessions, settings.review, secret_key=settings.secret_key)  # signs the webhooks
     completions = CompletionService(
@@ -134,6 +135,9 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
         # process: move it out of the collector's sight, so full collections stay short pauses.
         gc.collect()
         gc.freeze()
+        # The settings' routes the database lacks are seeded (in one transaction), then the table read;
+        # a database that does not answer yet is tried again by the first requests.
+        await services.router.refresh(force=True)
         services.metrics.serve_routes(name for name, _ in services.router.model_names())
         app.state.review_depth = ReviewQueueDepth(services)
         services.traffic.start()

@@ -1,37 +1,56 @@
-"""Routing: a public model name (an alias from the settings' `routes`, or the base model's name)
-to the adapter version that answers, and keeping that adapter loaded in vLLM.
+"""Routing: a public model name (a route: an alias in the database's `aliases` table, or the base
+model's name) to the adapter version that answers, and keeping that adapter loaded in vLLM.
 
-An alias splits traffic between its targets by weight, sticky per end user: the same user (the
+The database is the truth (`core.lifecycle`): each route's weighted targets and each adapter version's
+status. The router reads the whole table at most once per `ROUTES_TTL_S` seconds (off the event loop,
+one read at a time, requests waiting for it share it), so a promotion or rollback committed by any
+process reaches every replica within a couple of seconds, without a restart; if the database cannot be
+read the last table keeps serving. Only `canary` and `active` versions (and the base model) get
+traffic: a target in any other state is skipped whatever its weight, and a route left with no serving
+target answers 503. The settings file's `routes` seed the table for routes it lacks (at start-up, and
+again on a refresh while one is missing: its adapter may be registered later); they keep supplying a
+route's policy, knowledge base and description.
+
+A route splits traffic between its serving targets by weight, sticky per end user: the same user (the
 request's `user` field, the `X-TuneGate-User` header, or else the API key) always lands on the same
-version while the weights stay the same. `latest` resolves through the `adapters` table (newest
-servable version) and is cached for a few seconds, so a promotion reaches every replica quickly.
-Adapters are loaded into vLLM on first use through its runtime API and unloaded least recently used
-beyond `max_loaded_adapters`. A request holds its adapter (`acquire` ... `release`) until its answer is
-over: an adapter some request is using is never unloaded under it (the gateway goes over capacity for
-a while instead), and loads and unloads run one at a time. Clients only ever see aliases: no path is in
-any response.
+version while the weights stay the same. Adapters are loaded into vLLM on first use through its runtime
+API and unloaded least recently used beyond `max_loaded_adapters`. A request holds its adapter (`acquire`
+... `release`) until its answer is over: an adapter some request is using is never unloaded under it (the
+gateway goes over capacity for a while instead), and loads and unloads run one at a time. Clients only
+ever see aliases: no path is in any response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from core.db import Adapter
-from core.settings import RouteTarget, Settings
+from core.db import Alias
+from core.lifecycle import BASE, RouteTarget, route_table, seed_routes, serving_targets
+from core.settings import Settings
 from core.vllm import VllmError, load_adapter_async, unload_adapter_async
 from gateway.errors import GatewayError, ModelNotFound, UpstreamError, UpstreamUnavailable
 from gateway.metrics import Metrics
 from gateway.upstream import Upstream
 
-RESOLVE_TTL_S = 5.0
+ROUTES_TTL_S = 2.0
+log = logging.getLogger("tunegate.gateway")
+
+
+class NoServingVersion(UpstreamUnavailable):
+    """The route exists, but none of its targets is a `canary` or `active` version with weight."""
+
+    code = "no_active_version"
 
 
 @dataclass(frozen=True)
@@ -39,10 +58,17 @@ class Target:
     """Where one request goes: the model name vLLM knows, and what to log about it."""
 
     route: str  # the alias the client named
-    served_name: str  # `base`, or `<adapter>-<version>` as loaded into vLLM
+    served_name: str  # `base`, or `<adapter>-v<version>` as loaded into vLLM
     adapter_id: int | None
     adapter_version: str  # `base` or `support/v3`, for metrics and logs
     path: Path | None  # the registry folder (never shown to clients)
+
+
+class Weighted(Protocol):
+    weight: float
+
+
+W = TypeVar("W", bound=Weighted)
 
 
 def sticky_fraction(route: str, user: str) -> float:
@@ -51,7 +77,8 @@ def sticky_fraction(route: str, user: str) -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def pick_target(targets: list[RouteTarget], fraction: float) -> RouteTarget:
+def pick_target(targets: Sequence[W], fraction: float) -> W:
+    """The target whose share of [0, 1) holds `fraction` (shares in proportion to the weights)."""
     total = sum(t.weight for t in targets)
     edge = 0.0
     for target in targets:
@@ -61,60 +88,113 @@ def pick_target(targets: list[RouteTarget], fraction: float) -> RouteTarget:
     return next(t for t in reversed(targets) if t.weight > 0)
 
 
+@dataclass(frozen=True)
+class RouteTable:
+    """One read of the database's routes: every route's targets (serving or not) and descriptions."""
+
+    targets: dict[str, list[RouteTarget]] = field(default_factory=dict)
+    descriptions: dict[str, str] = field(default_factory=dict)
+
+
 class Router:
-    def __init__(self, settings: Settings, sessions: sessionmaker) -> None:
-        self.settings = settings
-        self.sessions = sessions
-        self._resolved: dict[tuple[str, str], tuple[float, tuple[int, int]]] = {}
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker, metrics: Metrics | None = None, ttl_s: float = ROUTES_TTL_S
+    ) -> None:
+        self.settings, self.sessions, self.metrics, self.ttl_s = settings, sessions, metrics, ttl_s
+        self._table: RouteTable | None = None
+        self._tried_at = float("-inf")  # when the last read started (a failed one too: retried after ttl_s)
+        self._refreshing: asyncio.Future[None] | None = None
+
+    # --- the table ----------------------------------------------------------------------------
+
+    def seed(self) -> list[str]:
+        """Create the settings' routes the database lacks (`core.lifecycle.seed_routes`); blocking."""
+        with self.sessions() as session, session.begin():  # one transaction, committed at the end
+            seeded = seed_routes(session, self.settings.routes)
+        if seeded:
+            log.info("routes seeded from the settings: %s", ", ".join(seeded))
+        return seeded
+
+    def _missing(self) -> bool:
+        """Some settings route is not in the table (yet): seeding may create it now."""
+        return self._table is None or any(name not in self._table.targets for name in self.settings.routes)
+
+    def _read(self) -> RouteTable:
+        """Seed what is missing (best effort), then read the whole table; blocking (a worker thread)."""
+        if self.settings.routes and self._missing():
+            try:
+                self.seed()
+            except Exception:  # the read below still refreshes what the database has
+                log.warning("seeding routes from the settings failed; retried on the next refresh", exc_info=True)
+        with self.sessions() as session:
+            targets = route_table(session)
+            descriptions = {name: text or "" for name, text in session.execute(select(Alias.name, Alias.description))}
+        return RouteTable(targets, descriptions)
+
+    async def _refresh(self) -> None:
+        self._tried_at = time.monotonic()
+        try:
+            table = await asyncio.to_thread(self._read)
+        except Exception:  # the last table keeps serving; the next request after ttl_s tries again
+            log.warning("the routing table could not be read from the database", exc_info=True)
+            return
+        self._table = table
+        if self.metrics is not None:
+            self.metrics.serve_routes(name for name, _ in self.model_names())
+
+    async def refresh(self, force: bool = False) -> None:
+        """Read the table if it is older than `ttl_s` (or `force`); callers arriving meanwhile share the
+        read in progress. Never raises: a failed read leaves the last table in place."""
+        if self._refreshing is None or self._refreshing.done():
+            if not force and time.monotonic() - self._tried_at < self.ttl_s:
+                return
+            self._refreshing = asyncio.ensure_future(self._refresh())
+        await asyncio.shield(self._refreshing)  # a cancelled request does not cancel the shared read
+
+    async def table(self) -> dict[str, list[RouteTarget]]:
+        """Every route's targets, at most `ttl_s` old while the database answers."""
+        await self.refresh()
+        if self._table is None:
+            raise UpstreamUnavailable("the routing table could not be read from the database; retry soon")
+        return self._table.targets
 
     def model_names(self) -> list[tuple[str, str]]:
+        """(name, description) of every name a client may send: the base model, the settings' routes,
+        then the routes only the database has (as of the last read)."""
         base = self.settings.base_model.served_name
-        return [(base, "the base model")] + [(name, r.description) for name, r in self.settings.routes.items()]
+        names = [(base, "the base model")]
+        names += [(name, route.description) for name, route in self.settings.routes.items()]
+        if self._table is not None:
+            names += [(name, self._table.descriptions.get(name, "")) for name in sorted(self._table.targets)
+                      if name != base and name not in self.settings.routes]  # fmt: skip
+        return names
 
-    async def _resolve_version(self, name: str, version: str) -> tuple[int, int]:
-        """(adapter id, version number) of `name`/`version` from the adapters table (cached)."""
-        key = (name, version)
-        cached = self._resolved.get(key)
-        if cached and time.monotonic() - cached[0] < RESOLVE_TTL_S:
-            return cached[1]
-        row = await asyncio.to_thread(self._query_version, name, version)
-        if row is None:
-            raise GatewayError(
-                f"route target `{name}` {version} is not a registered, servable adapter; "
-                "train and register it, or fix the route in the settings"
-            )
-        self._resolved[key] = (time.monotonic(), row)
-        return row
-
-    def _query_version(self, name: str, version: str) -> tuple[int, int] | None:
-        query = select(Adapter.id, Adapter.version).where(Adapter.name == name, Adapter.servable.is_(True))
-        if version == "latest":
-            query = query.order_by(Adapter.version.desc()).limit(1)
-        else:
-            query = query.where(Adapter.version == int(version.removeprefix("v")))
-        with self.sessions() as session:
-            row = session.execute(query).first()
-        return None if row is None else (row[0], row[1])
+    # --- one request --------------------------------------------------------------------------
 
     async def resolve(self, model: str, user: str) -> Target:
         base = self.settings.base_model.served_name
         if model == base:
-            return Target(model, base, None, "base", None)
-        route = self.settings.routes.get(model)
-        if route is None:
+            return Target(model, base, None, BASE, None)
+        routes = await self.table()
+        if model not in routes and model not in self.settings.routes:
             known = ", ".join(name for name, _ in self.model_names())
             raise ModelNotFound(f"The model `{model}` does not exist; available: {known}", param="model")
-        target = pick_target(route.targets, sticky_fraction(model, user))
-        if target.adapter is None:
-            return Target(model, base, None, "base", None)
-        adapter_id, number = await self._resolve_version(target.adapter, target.version)
-        version = f"v{number}"
+        serving = serving_targets(routes.get(model, []))
+        if not serving:
+            raise NoServingVersion(
+                f"The model `{model}` has no active version right now (no canary or active adapter version "
+                "with weight in its route); retry later"
+            )
+        target = pick_target(serving, sticky_fraction(model, user))
+        if target.adapter_id is None:
+            return Target(model, base, None, BASE, None)
+        version = f"v{target.version}"
         return Target(
             model,
-            f"{target.adapter}-{version}",
-            adapter_id,
-            f"{target.adapter}/{version}",
-            self.settings.adapters_dir / target.adapter / version,
+            f"{target.name}-{version}",
+            target.adapter_id,
+            target.label,
+            self.settings.adapters_dir / str(target.name) / version,
         )
 
 
