@@ -200,7 +200,7 @@ def contamination_texts(session: Session, route: str) -> list[str]:
 def training_labels(session: Session, route: str) -> list[dict]:
     """The route's reviewed examples on the training side, as chat rows (oldest first)."""
     rows = session.scalars(
-        _reviewed_of_route(session, route).where(Example.split == TRAIN_SPLIT).order_by(Example.created_at)
+        _reviewed_of_route(session, route).where(Example.split == TRAIN_SPLIT).order_by(Example.created_at, Example.id)
     ).all()
     return [{"messages": e.messages, "source_request_id": e.source_request_id} for e in rows]
 

@@ -87,7 +87,7 @@ def decide(
         decision.reasons.append(f"{decision.new_labels} new reviewed training labels (>= {rules.min_new_labels})")
     if quality is not None and scored >= rules.min_scored_for_quality and quality < rules.quality_below:
         decision.reasons.append(f"online quality {quality:.3f} < {rules.quality_below} on {scored} exchanges")
-    if drifted and rules.on_drift and decision.new_labels > 0:
+    if drifted and rules.on_drift:
         decision.reasons.append("the route's inputs drifted")
     if not decision.reasons:
         return decision
@@ -126,6 +126,7 @@ def file_training_job(
     content_hash = sha256_text(text)
     path = snapshot_dir / f"{decision.route}-{content_hash[:16]}.jsonl"
     if not path.exists():
+        snapshot_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(path, text.encode())
     payload = {
         "route": decision.route,
