@@ -34,7 +34,7 @@ class GateSettings(_Section):
     expected_discordance: float = Field(
         0.2, gt=0, le=1, description="Assumed share of items the two versions disagree on (power calculation)."
     )
-    holdout_margin: float = Field(0.05, ge=0, le=1, description="How much worse on the holdout still passes.")
+    holdout_margin: float = Field(0.05, gt=0, lt=1, description="How much worse on the holdout still passes.")
     method: str = Field("mcnemar", description="`mcnemar` (exact) or `bootstrap` (paired) on the test set.")
 
     @field_validator("method")

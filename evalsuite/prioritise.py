@@ -25,7 +25,6 @@ the caller (`evalsuite.drift.minilm_embedder()` in production). Flushes, never c
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -36,6 +35,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from core.db import Request, ReviewItem, utcnow
+from core.db.leases import advisory_lock
 from core.db.models import new_uuid_hex
 from core.io import last_user_text
 from core.lifecycle import audit
@@ -136,13 +136,6 @@ def priority_items_today(session: Session, route: str, now: datetime) -> int:
     return int(session.scalar(query) or 0)
 
 
-def _lock_route(session: Session, route: str) -> None:
-    """PostgreSQL: take turns per route until the transaction ends (SQLite has one writer anyway)."""
-    if session.get_bind().dialect.name == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"tunegate.prioritise:{route}".encode()).digest()[:8], "big", signed=True)
-        session.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
-
-
 def _candidates(session: Session, route: str, now: datetime) -> list[Request]:
     in_review = sa.exists().where(ReviewItem.request_id == Request.id)
     query = (
@@ -200,7 +193,7 @@ def fill_review_queue(
     `hold_at` is the route's hold threshold (`guardrails.policy`), `training_texts` the questions the
     route's active version was trained on, `drift_texts` the drift report's typical drifted questions."""
     now = now or utcnow()
-    _lock_route(session, route)
+    advisory_lock(session, f"tunegate.prioritise:{route}")
     used = priority_items_today(session, route, now)
     budget = settings.review_budget_per_day
     left = max(0, budget - used)

@@ -29,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from core.db import Dataset, Example, Request
+from core.db.leases import advisory_lock
 from core.io import last_user_text, normalise_answer, sha256_text
 from core.labels import REVIEWED_DATASET
 from core.loop_settings import LoopSettings
@@ -105,6 +106,7 @@ def _copy(example: Example, dataset: Dataset, split: str) -> Example:
 def assign_reviewed(session: Session, route: str, settings: LoopSettings) -> Assignment:
     """Split the route's reviewed examples that have no side yet (see the module docstring)."""
     result = Assignment(route)
+    advisory_lock(session, f"tunegate.testsets:{route}")  # two workers never split the same examples
     pending = session.scalars(
         _reviewed_of_route(session, route).where(Example.split.is_(None)).order_by(Example.created_at, Example.id)
     ).all()

@@ -3,9 +3,9 @@
 A route retrains when any of these holds (`loop.trigger`): at least `min_new_labels` reviewed labels
 arrived since its last training, its active version's online quality fell below `quality_below` (on at
 least `min_scored_for_quality` scored exchanges), or its inputs drifted (`on_drift`). None of them fires
-while the route's loop is paused, while a candidate of the route is still on its way (not yet gated,
-rejected, rolled back or promoted), within `cooldown_s` of the last training, or past `max_per_day`
-trainings in one UTC day.
+while the route's loop is paused, while a candidate of the route is still on its way (waiting for
+the gate, gated and about to be canaried, or in its canary), within `cooldown_s` of the last training,
+or past `max_per_day` trainings in one UTC day.
 
 The job (`jobs` kind `train`) carries a snapshot: the rows it trains on, written once to a JSONL file
 named by its content hash, so a retried job trains on exactly the same data, and the record says what

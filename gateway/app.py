@@ -109,12 +109,14 @@ class ReviewQueueDepth:
 
 async def _housekeeping(services: Services) -> None:
     """Background work of each replica (all of it idempotent): held answers past their deadline
-    follow the fallback (and their webhooks fire) on time; old traffic-log rows are purged hourly."""
+    follow the fallback (and their webhooks fire) on time; a calibration the eval suite re-fitted is
+    taken; old traffic-log rows are purged hourly."""
     days = services.settings.gateway.retention_days
     last_purge = 0.0
     while True:
         try:
             await asyncio.to_thread(services.review.expire_overdue)
+            await asyncio.to_thread(services.completions.guard.reload_if_changed)
             if days and time.monotonic() - last_purge > RETENTION_EVERY_S:
                 last_purge = time.monotonic()
                 removed = await asyncio.to_thread(purge_expired, services.sessions, days)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ from guardrails.types import CheckInput, DetectorResult
 
 CONTEXT_FIELDS = ("context", "documents")  # tunegate's request fields; never forwarded to vLLM
 SEVERITY = {Decision.ALLOW: 0, Decision.ANNOTATE: 1, Decision.HOLD: 2, Decision.BLOCK: 3}
+
+log = logging.getLogger("tunegate.gateway")
 
 
 @dataclass(frozen=True)
@@ -104,12 +107,37 @@ class GuardService:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        path = calibration_path_for(settings.guardrails, settings.var_dir)
-        self.guard = (
-            Guard(settings.guardrails, path if Path(path).exists() else None) if settings.guardrails.enabled else None
-        )
+        self.calibration_path = Path(calibration_path_for(settings.guardrails, settings.var_dir))
+        self._calibration_stamp = self._stamp()
+        self.guard = self._build() if settings.guardrails.enabled else None
         self._knowledge: dict[str, KnowledgeBase] = {}
         self._random = random.Random()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self.calibration_path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def _build(self) -> Guard:
+        path = self.calibration_path if self.calibration_path.exists() else None
+        return Guard(self.settings.guardrails, path)
+
+    def reload_if_changed(self) -> bool:
+        """Take a new calibration file (the eval suite's re-fit writes one, atomically) without a restart.
+        Called from the gateway's housekeeping, off the event loop; a broken file keeps the current guard."""
+        stamp = self._stamp()
+        if self.guard is None or stamp == self._calibration_stamp:
+            return False
+        self._calibration_stamp = stamp
+        try:
+            self.guard = self._build()  # one assignment: requests in flight keep the guard they started with
+        except Exception:
+            log.exception("the new calibration %s could not be loaded; keeping the current one", self.calibration_path)
+            return False
+        log.info("reloaded the guard's calibration from %s", self.calibration_path)
+        return True
 
     def policy(self, route: str) -> PolicySettings:
         route_settings = self.settings.routes.get(route)

@@ -34,7 +34,7 @@ from sqlalchemy.orm import sessionmaker
 
 from core.db import Adapter, EvalRun, OnlineScore, Request, jobs, make_engine, session_factory, session_scope, utcnow
 from core.io import read_jsonl, write_jsonl
-from core.lifecycle import BASE, active_target, route_table, seed_routes
+from core.lifecycle import BASE, active_target, route_table, seed_routes, version_label
 from core.settings import Settings
 from core.vllm import chat_greedy, load_adapter
 from core.vocab import AdapterStatus, EvalKind, EvalStatus
@@ -101,7 +101,10 @@ class Loop:
             out[f"{route}.canary"] = self.step_canary(route)
         if self.metrics is not None:
             with self.sessions() as session:
-                self.metrics.update_from_db(session, self.settings)
+                self.metrics.update_from_db(session, self.settings.loop)
+                for route, targets in route_table(session).items():
+                    for target in targets:
+                        self.metrics.set_adapter_status(route, target.label, target.status)
         self.last = out
         return out
 
@@ -144,7 +147,8 @@ class Loop:
                 EvalRun(kind=EvalKind.ONLINE, status=EvalStatus.SUCCEEDED, finished_at=utcnow(), summary=summary)
             )
         if self.metrics is not None:
-            self.metrics.set_drift(route, report)
+            embedding, risk = report["embedding"], report["risk"]
+            self.metrics.set_drift(route, embedding.get("auroc"), drifted, risk.get("statistic"))
         return summary
 
     def latest_drift(self, session, route: str) -> dict | None:
@@ -171,9 +175,12 @@ class Loop:
                     or []
                 )
             ]
-            return prioritise.fill_review_queue(
+            result = prioritise.fill_review_queue(
                 session, route, self.settings.loop, hold_at, known, self.embed, drift_texts=typical
-            ).to_dict()
+            )
+            if self.metrics is not None:
+                self.metrics.set_review_budget_left(route, result.budget_left)
+            return result.to_dict()
 
     def step_agreement(self, route: str) -> dict:
         from evalsuite import agreement
@@ -184,13 +191,14 @@ class Loop:
             if self.metrics is not None and rows:
                 self.metrics.set_agreement(route, rows[-1].agreement)
             if agreement.needs_refit(rows, self.settings.loop):
-                from guardrails.calibration import Calibration
+                from guardrails.calibration import Calibration, DefaultCombination
                 from guardrails.guard import calibration_path_for
                 from guardrails.registry import build_detectors
 
                 path = calibration_path_for(self.settings.guardrails, self.settings.var_dir)
-                current = Calibration.load(path) if path.exists() else None
-                refit = agreement.refit_calibration(session, build_detectors(self.settings.guardrails), current, path)
+                current = Calibration.load(path) if path.exists() else DefaultCombination()
+                detectors = build_detectors(self.settings.guardrails)
+                refit = agreement.refit_calibration(session, detectors, current, path, route=route)
                 result["refit"] = refit.to_dict()
             return result
 
@@ -320,7 +328,8 @@ class Loop:
                 if rollout.route == route:
                     outcomes.append(canary.advance(session, rollout, self.settings.loop.canary))
                     if self.metrics is not None:
-                        self.metrics.set_canary(rollout)
+                        candidate = session.get_one(Adapter, rollout.candidate_id)
+                        self.metrics.set_canary(route, version_label(candidate), canary.canary_state(rollout))
             running = any(r.route == route for r in canary.running_rollouts(session))
             gated = session.scalars(
                 sa.select(Adapter)

@@ -19,6 +19,7 @@ row). Imports SQLAlchemy only.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -58,3 +59,11 @@ def claim_next(
         )
         if won.rowcount == 1:
             return row_id
+
+
+def advisory_lock(session: Session, name: str) -> None:
+    """Take turns on `name` (e.g. one route's review budget) until the transaction ends: a PostgreSQL
+    transaction-level advisory lock. SQLite has one writer at a time, which serialises writers anyway."""
+    if session.get_bind().dialect.name == "postgresql":
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        session.execute(sa.select(sa.func.pg_advisory_xact_lock(key)))
