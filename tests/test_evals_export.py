@@ -243,6 +243,7 @@ def test_lm_eval_scores_an_exported_set_through_the_gateway_as_tunegate_does(tmp
 
     [results_file] = out.rglob("results_*.json")
     score = json.loads(results_file.read_text())["results"]["tunegate_facts"][result.metric_key]
+    print(f"lm_eval exact_match {score:.4f}, tunegate fact accuracy {expected:.4f} ({results_file})")
     assert 0.6 <= expected <= 12 / 15  # the base model knows old facts; the three wrong golds never match
     assert score == pytest.approx(expected, abs=1e-9)
     # The same prompt reached the model: lm_eval's raw answers are the ones the gateway gave directly.
