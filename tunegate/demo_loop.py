@@ -84,13 +84,13 @@ class DemoLoop:
         return {"asked": asked.to_dict(), "reviewed": reviewed.to_dict()}
 
     def tick(self) -> dict:
-        found = self.loop.tick()
+        found = self.loop.tick(force=True)
         assign = found.get(f"{self.route}.assign", {})
         drift = found.get(f"{self.route}.drift") or {}
         bits = [
             f"labels +{assign.get('train', 0)} train / +{assign.get('test', 0)} test / "
             f"+{assign.get('holdout', 0)} holdout",
-            f"scored {found.get('score', {}).get('scored', 0)}",
+            f"scored {found.get('score', {}).get('inserted', 0)}",
         ]
         if drift:
             parts = drift["drift"]
@@ -127,7 +127,7 @@ class DemoLoop:
             c.rule("2. before the drift: the base model serves; reviewers fill the frozen holdout")
             base = self.s.base_model.served_name
             before = self.measure(base, "before")
-            r["phase_before"] = self.traffic(_old_traffic(self.domain, 170, self.rng), "old-tariff traffic")
+            r["phase_before"] = self.traffic(_old_traffic(self.domain, 200, self.rng), "old-tariff traffic")
             self.tick()
 
             c.rule("3. the drift arrives in two waves; the guardrails hold, reviewers correct")
@@ -236,7 +236,8 @@ class DemoLoop:
                 for row, a in zip(labels, answers, strict=True)
             ]
             rows, counts = triggers.snapshot_rows(session, self.route, self.loop.replay[self.route], [], self.s.loop)
-            rows = corrupted + [r for r in rows if r not in labels]
+            honest = [{"messages": row["messages"]} for row in labels]
+            rows = corrupted + [r for r in rows if r not in honest]
             decision = triggers.TriggerDecision(self.route, True, ["demo: corrupted labels (answers shuffled)"])
             job = triggers.file_training_job(
                 session, decision, rows, counts | {"corrupted": len(corrupted)}, self.loop.snapshot_dir, actor="demo"

@@ -1,6 +1,6 @@
 """The closed loop, wired: what a `tunegate worker` does, one step after another, for every route.
 
-One pass (`Loop.tick`) over a route, each step in its own transaction, each safe to run again:
+One pass (`Loop.run_pass`) over a route, each step in its own transaction, each safe to run again:
 
     assign reviewed labels (holdout / test set / training)  -> evalsuite.testsets
     score sampled live traffic, refresh verdicts             -> evalsuite.scoring
@@ -11,9 +11,12 @@ One pass (`Loop.tick`) over a route, each step in its own transaction, each safe
     gate candidates through vLLM beside the active version   -> evalsuite.gate
     start and advance canaries (promote or roll back)        -> evalsuite.canary
 
-Training jobs (`jobs` kind `train`) are claimed through the jobs table like everything else that may
-run on any of several workers (`core.db.jobs`); their handler curates the snapshot (the contamination
-rule against the route's test set and holdout), trains with TRL and registers a `candidate`.
+Passes and trainings are both jobs (`jobs` kinds `loop.pass`, one pending per route, and `train`),
+claimed through the jobs table (`core.db.jobs`): several workers split them, each runs once, and a job
+whose worker died is claimed again when its lease runs out. A finished pass files the route's next one
+`loop.interval_s` later; a finished training makes it due at once (its candidate goes to the gate).
+A training curates the snapshot (the contamination rule against the route's test set and holdout),
+trains with TRL and registers a `candidate`.
 
 This module is wiring (the `tunegate` layer): it may import every package below it.
 """
@@ -25,6 +28,7 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -32,16 +36,29 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import sessionmaker
 
-from core.db import Adapter, EvalRun, OnlineScore, Request, jobs, make_engine, session_factory, session_scope, utcnow
+from core.db import (
+    Adapter,
+    EvalRun,
+    Job,
+    OnlineScore,
+    Request,
+    jobs,
+    make_engine,
+    session_factory,
+    session_scope,
+    utcnow,
+)
+from core.db.leases import advisory_lock
 from core.io import read_jsonl, write_jsonl
 from core.lifecycle import BASE, active_target, route_table, seed_routes, version_label
 from core.settings import Settings
 from core.vllm import chat_greedy, load_adapter
-from core.vocab import AdapterStatus, EvalKind, EvalStatus
+from core.vocab import AdapterStatus, EvalKind, EvalStatus, JobStatus
 from evalsuite import canary, drift, gate, testsets, triggers
 
 log = logging.getLogger("tunegate.loop")
-TRAIN_LEASE_S = 900
+TRAIN_LEASE_S = 900  # a training on a CPU takes minutes; the lease outlives it
+PASS_JOB = "loop.pass"
 
 
 def served_name(adapter: Adapter | None, base_name: str) -> str:
@@ -76,29 +93,36 @@ class Loop:
             seed_routes(session, self.settings.routes)
             return sorted(route_table(session))
 
-    # --- one pass -------------------------------------------------------------------------------
+    # --- jobs: passes and trainings, claimed through the jobs table --------------------------------
 
-    def tick(self) -> dict[str, Any]:
-        """Every step for every route (see the module docstring); returns what each found."""
-        from evalsuite import scoring
-
-        out: dict[str, Any] = {}
-        for route in self.routes():
+    def tick(self, force: bool = False) -> dict[str, Any]:
+        """Schedule a pass for every route that has none queued (due now with `force`), then run every due
+        job this worker can claim: passes and trainings. Returns what each found."""
+        self.schedule(force)
+        out: dict[str, Any] = {"train": []}
+        while (claimed := self._claim()) is not None:
+            claim, kind, payload = claimed
+            try:
+                found = self.run_pass(payload["route"]) if kind == PASS_JOB else self.train(payload)
+            except Exception as err:  # recorded on the job; the loop goes on
+                log.exception("%s job %s failed", kind, claim.id)
+                with session_scope(self.sessions) as session:
+                    jobs.fail(
+                        session, claim, f"{type(err).__name__}: {err}", retry_after_s=self.settings.loop.interval_s
+                    )
+                self._count(kind, "error")
+                out.setdefault("errors", []).append({"job_id": claim.id, "kind": kind, "error": str(err)})
+                continue
             with session_scope(self.sessions) as session:
-                out[f"{route}.assign"] = testsets.assign_reviewed(session, route, self.settings.loop).to_dict()
-        with session_scope(self.sessions) as session:
-            gold = {r: testsets.gold_answers(session, r) for r in route_table(session)}
-            out["score"] = scoring.score_new_traffic(session, self.settings.loop, _merge(gold)).to_dict()
-            scoring.refresh_verdicts(session)
-        for route in self.routes():
-            out[f"{route}.drift"] = self.step_drift(route)
-            out[f"{route}.prioritise"] = self.step_prioritise(route)
-            out[f"{route}.agreement"] = self.step_agreement(route)
-            out[f"{route}.trigger"] = self.step_trigger(route)
-        out["train"] = self.run_training_jobs()
-        for route in self.routes():
-            out[f"{route}.gate"] = self.step_gate(route)
-            out[f"{route}.canary"] = self.step_canary(route)
+                jobs.complete(session, claim, _json_safe(found))
+                # The route's next pass: after the interval, or now when a training just ended (its gate).
+                delay = 0 if kind == triggers.TRAIN_JOB else self.settings.loop.interval_s
+                _next_pass(session, payload["route"], delay)
+            self._count(kind, "ok")
+            if kind == PASS_JOB:
+                out.update(found)
+            else:
+                out["train"].append({"job_id": claim.id, **found})
         if self.metrics is not None:
             with self.sessions() as session:
                 self.metrics.update_from_db(session, self.settings.loop)
@@ -106,6 +130,52 @@ class Loop:
                     for target in targets:
                         self.metrics.set_adapter_status(route, target.label, target.status)
         self.last = out
+        return out
+
+    def schedule(self, force: bool = False) -> None:
+        """One pending pass per route: a worker that finds none (a new route, a fresh database) files it."""
+        with session_scope(self.sessions) as session:
+            seed_routes(session, self.settings.routes)
+            advisory_lock(session, "tunegate.loop.schedule")  # two workers starting at once file one pass
+            pending = session.scalars(
+                sa.select(Job).where(Job.kind == PASS_JOB, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            ).all()
+            waiting = {(j.payload or {}).get("route"): j for j in pending}
+            for route in route_table(session):
+                job = waiting.get(route)
+                if job is None:
+                    jobs.enqueue(session, PASS_JOB, {"route": route})
+                elif force and job.status == JobStatus.QUEUED:
+                    job.run_after = None
+
+    def _claim(self) -> tuple[jobs.Claim, str, dict] | None:
+        with session_scope(self.sessions) as session:
+            job = jobs.claim(session, self.worker, kinds=[PASS_JOB, triggers.TRAIN_JOB], lease_s=TRAIN_LEASE_S)
+            if job is None:
+                return None
+            return jobs.Claim.of(job), job.kind, dict(job.payload)
+
+    def _count(self, kind: str, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.job_finished(kind, result)
+
+    def run_pass(self, route: str) -> dict[str, Any]:
+        """Every step for one route (see the module docstring); returns what each found."""
+        from evalsuite import scoring
+
+        out: dict[str, Any] = {}
+        with session_scope(self.sessions) as session:
+            out[f"{route}.assign"] = testsets.assign_reviewed(session, route, self.settings.loop).to_dict()
+        with session_scope(self.sessions) as session:
+            gold = {r: testsets.gold_answers(session, r) for r in route_table(session)}
+            out["score"] = scoring.score_new_traffic(session, self.settings.loop, _merge(gold)).to_dict()
+            scoring.refresh_verdicts(session)
+        out[f"{route}.drift"] = self.step_drift(route)
+        out[f"{route}.prioritise"] = self.step_prioritise(route)
+        out[f"{route}.agreement"] = self.step_agreement(route)
+        out[f"{route}.trigger"] = self.step_trigger(route)
+        out[f"{route}.gate"] = self.step_gate(route)
+        out[f"{route}.canary"] = self.step_canary(route)
         return out
 
     def step_drift(self, route: str) -> dict | None:
@@ -226,27 +296,6 @@ class Loop:
 
     # --- training jobs --------------------------------------------------------------------------
 
-    def run_training_jobs(self) -> list[dict]:
-        done = []
-        while True:
-            with session_scope(self.sessions) as session:
-                job = jobs.claim(session, self.worker, kinds=[triggers.TRAIN_JOB], lease_s=TRAIN_LEASE_S)
-                claimed = None if job is None else (job.id, job.attempts, dict(job.payload))
-            if claimed is None:
-                return done
-            job_id, attempts, payload = claimed
-            try:
-                result = self.train(payload)
-            except Exception as err:  # recorded on the job; the loop goes on
-                log.exception("training job %s failed", job_id)
-                with session_scope(self.sessions) as session:
-                    jobs.fail(session, _held(session, job_id, attempts), f"{type(err).__name__}: {err}")
-                done.append({"job_id": job_id, "error": str(err)})
-                continue
-            with session_scope(self.sessions) as session:
-                jobs.complete(session, _held(session, job_id, attempts), result)
-            done.append({"job_id": job_id, **result})
-
     def train(self, payload: dict) -> dict:
         """Curate the snapshot against the route's test set and holdout, train, register a candidate."""
         from transformers import AutoTokenizer
@@ -343,12 +392,6 @@ class Loop:
         return outcomes
 
 
-def _held(session, job_id: int, attempts: int):
-    job = session.get_one(jobs.Job, job_id, populate_existing=True)
-    job.attempts = attempts  # the claim this worker made; `complete`/`fail` refuse a newer one
-    return job
-
-
 def _already_waited(session, candidate: Adapter, test_version: int | None) -> bool:
     last = session.scalars(
         sa.select(EvalRun)
@@ -356,6 +399,23 @@ def _already_waited(session, candidate: Adapter, test_version: int | None) -> bo
         .order_by(EvalRun.id.desc())
     ).first()
     return bool(last and (last.summary or {}).get("test_version") == test_version)
+
+
+def _next_pass(session, route: str, delay_s: float) -> None:
+    """Keep exactly one pending pass per route, due within `delay_s`."""
+    due = utcnow() + timedelta(seconds=delay_s)
+    queued = session.scalars(
+        sa.select(Job).where(Job.kind == PASS_JOB, Job.status == JobStatus.QUEUED).with_for_update()
+    ).all()
+    mine = [j for j in queued if (j.payload or {}).get("route") == route]
+    if not mine:
+        jobs.enqueue(session, PASS_JOB, {"route": route}, run_after=due)
+    elif mine[0].run_after is None or mine[0].run_after > due:
+        mine[0].run_after = due
+
+
+def _json_safe(found: dict) -> dict:
+    return json.loads(json.dumps(found, default=str))
 
 
 def _merge(gold: dict[str, dict[str, str]]) -> dict[str, str]:

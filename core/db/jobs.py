@@ -15,6 +15,7 @@ These functions flush but never commit: the caller's transaction decides, e.g. `
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,21 @@ from sqlalchemy.orm import Session
 from core.db.leases import claim_next
 from core.db.models import Job, utcnow
 from core.vocab import JobStatus
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker keeps of a job it claimed: enough for `heartbeat`, `complete` and `fail` (they match on
+    `id` and `attempts`) without holding the ORM row, or a session, while the work runs."""
+
+    id: int
+    attempts: int
+    max_attempts: int
+    claimed_by: str | None
+
+    @classmethod
+    def of(cls, job: Job) -> Claim:
+        return cls(job.id, job.attempts, job.max_attempts, job.claimed_by)
 
 
 class LeaseLost(Exception):
@@ -101,7 +117,7 @@ def claim(session: Session, worker: str, kinds: Iterable[str] | None = None, lea
     return None if job_id is None else session.get(Job, job_id, populate_existing=True)
 
 
-def _update_if_still_owned(session: Session, job: Job, **values: Any) -> Job:
+def _update_if_still_owned(session: Session, job: Job | Claim, **values: Any) -> Job:
     changed = session.execute(
         sa.update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.RUNNING, Job.attempts == job.attempts)
@@ -115,12 +131,12 @@ def _update_if_still_owned(session: Session, job: Job, **values: Any) -> Job:
     return refreshed
 
 
-def heartbeat(session: Session, job: Job, lease_s: float = 300) -> Job:
+def heartbeat(session: Session, job: Job | Claim, lease_s: float = 300) -> Job:
     """Extend the lease of a job this worker still holds; raise `LeaseLost` otherwise."""
     return _update_if_still_owned(session, job, lease_expires_at=utcnow() + timedelta(seconds=lease_s))
 
 
-def complete(session: Session, job: Job, result: dict[str, Any] | None = None) -> Job:
+def complete(session: Session, job: Job | Claim, result: dict[str, Any] | None = None) -> Job:
     """Mark a held job succeeded with `result`; returns the job as stored now."""
     return _update_if_still_owned(
         session,
@@ -133,7 +149,7 @@ def complete(session: Session, job: Job, result: dict[str, Any] | None = None) -
     )
 
 
-def fail(session: Session, job: Job, error: str, retry_after_s: float = 0) -> Job:
+def fail(session: Session, job: Job | Claim, error: str, retry_after_s: float = 0) -> Job:
     """Record `error`; requeue the job (not before `retry_after_s`) unless its last attempt failed."""
     now = utcnow()
     # `job.attempts` is safe to decide on: the UPDATE applies only while it equals the stored count.

@@ -46,8 +46,9 @@ def worker(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     loop = _loop(config, vllm_url)
     if metrics_port is not None:
-        from evalsuite.metrics import LoopMetrics
         from prometheus_client import start_http_server
+
+        from evalsuite.metrics import LoopMetrics
 
         loop.metrics = LoopMetrics()
         start_http_server(metrics_port, registry=loop.metrics.registry)
@@ -123,7 +124,7 @@ def loop_resume(config: ConfigOption = None, route: RouteOption = None) -> None:
 @loop_app.command("run-once")
 def loop_run_once(config: ConfigOption = None, vllm_url: VllmOption = None, json_out: JsonOption = False) -> None:
     """One pass of the loop over every route, now; prints what each step found."""
-    emit(_loop(config, vllm_url).tick(), json_out)
+    emit(_loop(config, vllm_url).tick(force=True), json_out)
 
 
 @evals_app.command("export")
@@ -151,7 +152,18 @@ def evals_export(
     task = f"tunegate_{route}_{kind}".replace("-", "_")
     result = export_lm_eval(rows, out, task, description=f"tunegate route `{route}`, {kind} set")
     gw = gateway_url or f"http://{settings.gateway.host}:{settings.gateway.port}"
-    emit({"task": task, "rows": len(rows), **result.to_dict(), "command": result.command(route, gw)}, json_out)
+    emit(
+        {
+            "task": task,
+            "rows": result.rows,
+            "yaml": str(result.yaml_path),
+            "jsonl": str(result.jsonl_path),
+            "sha256": result.sha256,
+            "metric": result.metric_key,
+            "command": f"OPENAI_API_KEY=<an app key> {result.command(route, gw)}",
+        },
+        json_out,
+    )
 
 
 @worker_app.command()
