@@ -27,6 +27,7 @@ import json
 import logging
 import socket
 import time
+import uuid
 from dataclasses import dataclass, field
 from datetime import timedelta
 from functools import cached_property
@@ -49,7 +50,6 @@ from core.db import (
     utcnow,
 )
 from core.db.leases import advisory_lock
-from core.io import read_jsonl, write_jsonl
 from core.lifecycle import BASE, active_target, route_table, seed_routes, version_label
 from core.settings import Settings
 from core.vllm import chat_greedy, load_adapter
@@ -70,7 +70,7 @@ def served_name(adapter: Adapter | None, base_name: str) -> str:
 class Loop:
     settings: Settings
     vllm_url: str
-    worker: str = field(default_factory=lambda: f"{socket.gethostname()}-{id(object())}")
+    worker: str = field(default_factory=lambda: f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}")
     sessions: sessionmaker = None  # type: ignore[assignment]
     replay: dict[str, list[dict]] = field(default_factory=dict)  # route -> the base model's training rows
     curated: dict[str, list[dict]] = field(default_factory=dict)  # route -> rows an operator added
@@ -103,23 +103,15 @@ class Loop:
         while (claimed := self._claim()) is not None:
             claim, kind, payload = claimed
             try:
-                found = self.run_pass(payload["route"]) if kind == PASS_JOB else self.train(payload)
+                found, error = (self.run_pass(payload["route"]) if kind == PASS_JOB else self.train(payload)), None
             except Exception as err:  # recorded on the job; the loop goes on
                 log.exception("%s job %s failed", kind, claim.id)
-                with session_scope(self.sessions) as session:
-                    jobs.fail(
-                        session, claim, f"{type(err).__name__}: {err}", retry_after_s=self.settings.loop.interval_s
-                    )
-                self._count(kind, "error")
-                out.setdefault("errors", []).append({"job_id": claim.id, "kind": kind, "error": str(err)})
+                found, error = {}, f"{type(err).__name__}: {err}"
+            if not self._finish(claim, kind, payload["route"], found, error):
                 continue
-            with session_scope(self.sessions) as session:
-                jobs.complete(session, claim, _json_safe(found))
-                # The route's next pass: after the interval, or now when a training just ended (its gate).
-                delay = 0 if kind == triggers.TRAIN_JOB else self.settings.loop.interval_s
-                _next_pass(session, payload["route"], delay)
-            self._count(kind, "ok")
-            if kind == PASS_JOB:
+            if error is not None:
+                out.setdefault("errors", []).append({"job_id": claim.id, "kind": kind, "error": error})
+            elif kind == PASS_JOB:
                 out.update(found)
             else:
                 out["train"].append({"job_id": claim.id, **found})
@@ -129,8 +121,8 @@ class Loop:
                 for route, targets in route_table(session).items():
                     for target in targets:
                         self.metrics.set_adapter_status(route, target.label, target.status)
-        self.last = out
-        return out
+        self.last = _json_safe(out)
+        return self.last
 
     def schedule(self, force: bool = False) -> None:
         """One pending pass per route: a worker that finds none (a new route, a fresh database) files it."""
@@ -154,6 +146,23 @@ class Loop:
             if job is None:
                 return None
             return jobs.Claim.of(job), job.kind, dict(job.payload)
+
+    def _finish(self, claim: jobs.Claim, kind: str, route: str, found: dict, error: str | None) -> bool:
+        """Record the job's end; False when it was no longer ours (its lease ran out and another worker
+        took it: that worker's result counts, not this one's)."""
+        try:
+            with session_scope(self.sessions) as session:
+                if error is not None:
+                    jobs.fail(session, claim, error, retry_after_s=self.settings.loop.interval_s)
+                else:
+                    jobs.complete(session, claim, _json_safe(found))
+                    # The route's next pass: after the interval, or now when a training just ended (its gate).
+                    _next_pass(session, route, 0 if kind == triggers.TRAIN_JOB else self.settings.loop.interval_s)
+        except jobs.LeaseLost:
+            log.warning("%s job %s outlived its lease; another worker has it now", kind, claim.id)
+            return False
+        self._count(kind, "ok" if error is None else "error")
+        return True
 
     def _count(self, kind: str, result: str) -> None:
         if self.metrics is not None:
@@ -439,6 +448,8 @@ def run_worker(loop: Loop, once: bool = False, stop=None) -> None:
             found = loop.tick()
             log.info("loop pass: %s", json.dumps(found, default=str)[:2000])
         except Exception:
+            if once:
+                raise  # `worker --once` says so in its exit code
             log.exception("loop pass failed")
         if once or (stop is not None and stop()):
             return
@@ -453,14 +464,6 @@ def base_replay(settings: Settings) -> list[dict]:
 
     domain = Domain()
     return domain.qa_examples(domain.old_facts)
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [row for _, row in read_jsonl(path)]
-
-
-def write_rows(path: Path, rows: list[dict]) -> Path:
-    return write_jsonl(path, rows, atomic=True)
 
 
 __all__ = ["BASE", "Loop", "base_replay", "run_worker", "served_name"]
