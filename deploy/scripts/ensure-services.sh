@@ -59,3 +59,10 @@ redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "Redis is not reachable
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   echo "installing chromium and chromium-driver"; apt_install chromium chromium-driver
 fi
+
+# Prometheus and promtool: the alert rules' checks and unit tests (promtool) and the integration test
+# that has a real Prometheus scrape a gateway (tests/test_prometheus.py). Debian's package; its
+# systemd service is not needed (the test starts its own server on a free port).
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  echo "installing prometheus"; apt_install prometheus
+fi
