@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 STAMP := $(VENV)/.installed-$(EXTRA)
 
-.PHONY: setup test test-fast demo lint clean services bench-deps gpu-wheels
+.PHONY: setup test test-fast demo lint clean services bench-deps gpu-wheels check-deploy
 
 setup: $(STAMP) services
 
@@ -38,6 +38,11 @@ services:
 
 test: setup
 	$(PY) -m pytest
+	@$(MAKE) --no-print-directory check-deploy
+
+# Deployment artefacts (deploy/compose, deploy/k8s, ...) validated offline; sections in the script.
+check-deploy: $(STAMP)
+	@bash deploy/scripts/check-deploy.sh
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow and not vllm"
