@@ -210,8 +210,18 @@ class GatewaySettings(_Section):
     connect_retries: int = Field(2, ge=0, description="Retries when vLLM refuses the connection (never after a byte).")
     breaker_failures: int = Field(5, ge=1, description="Consecutive upstream failures that open the circuit.")
     breaker_reset_s: float = Field(5.0, gt=0, description="How long an open circuit fails fast before a probe.")
-    requests_per_minute: int | None = Field(600, ge=1, description="Default per-key request limit (per replica).")
-    tokens_per_minute: int | None = Field(200_000, ge=1, description="Default per-key token limit (per replica).")
+    requests_per_minute: int | None = Field(
+        600, ge=1, description="Default per-key request limit (per replica, or for all of them with `redis_url`)."
+    )
+    tokens_per_minute: int | None = Field(
+        200_000, ge=1, description="Default per-key token limit (per replica, or for all of them with `redis_url`)."
+    )
+    redis_url: str | None = Field(
+        None,
+        repr=False,
+        description="Redis that shares the per-key limits between replicas (`redis://[:password@]host:6379/0`); "
+        "empty: each replica limits on its own (password masked).",
+    )
     log_batch_size: int = Field(200, ge=1, description="Traffic-log rows written per database round trip.")
     log_flush_interval_s: float = Field(0.2, gt=0, description="Longest a traffic-log row waits to be written.")
     log_queue_max: int = Field(
@@ -233,6 +243,13 @@ class GatewaySettings(_Section):
     )
     key_negative_cache_size: int = Field(1_000, ge=1, description="Most unknown keys cached (oldest go).")
     limits: LimitSettings = Field(default_factory=LimitSettings, description="What one request may ask.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url and not url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("use a redis://, rediss:// or unix:// URL")
+        return url or None
 
 
 class Settings(BaseSettings):

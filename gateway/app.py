@@ -26,13 +26,14 @@ from sqlalchemy import func, select, text
 from core.db import ReviewItem, make_engine, session_factory
 from core.settings import Settings, get_settings
 from core.vocab import ReviewStatus
-from gateway.deps import KeyRing, MetricsAccess, MetricsDep, RateLimiter, Services, Sessions, get_upstream
+from gateway.deps import KeyRing, MetricsAccess, MetricsDep, Services, Sessions, get_upstream
 from gateway.errors import install_error_handlers
 from gateway.guarding import GuardService
 from gateway.limits import BodyLimit
 from gateway.metrics import Metrics
 from gateway.openai.router import router as openai_router
 from gateway.openai.service import CompletionService
+from gateway.ratelimit import make_limiter
 from gateway.recorder import Recorder, TrafficLog, purge_expired
 from gateway.review.router import router as review_router
 from gateway.review.service import ReviewService
@@ -57,7 +58,7 @@ def build_services(settings: Settings, transport=None) -> Services:
     traffic = TrafficLog(sessions, gw, metrics, var_dir=settings.var_dir)  # spill and dead-letter files
     review = ReviewService(sessions, settings.review, secret_key=settings.secret_key)  # signs the webhooks
     completions = CompletionService(
-        limiter=RateLimiter(gw.requests_per_minute, gw.tokens_per_minute),
+        limiter=make_limiter(gw, metrics),  # shared through Redis when `gateway.redis_url` is set
         router=router,
         adapters=AdapterManager(upstream, gw.max_loaded_adapters, metrics),
         upstream=upstream,
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None, transport=None) -> FastAPI:
                     await retention
             await services.traffic.close()  # every recorded row is written before we exit
             await services.upstream.aclose()
+            await services.completions.limiter.aclose()
 
     app = FastAPI(title="tunegate gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

@@ -7,9 +7,11 @@ caller alias states the roles it admits: `app` for the OpenAI API, `reviewer` fo
 passes every check.
 
 Per-key limits (requests and tokens per minute) are token buckets in this process (`RateLimiter`): with
-N gateway replicas a key gets up to N times its limit, so set per-key limits as limit / N. Why not the
-database: a shared counter would put a write on every request's critical path, which is what the
-batched traffic log exists to avoid.
+N gateway replicas a key gets up to N times its limit, so set per-key limits as limit / N, or set
+`gateway.redis_url`: the same buckets are then kept in Redis and shared by every replica
+(`gateway.ratelimit.RedisRateLimiter`, which falls back to this process's buckets while Redis fails).
+Why not the database: a shared counter would put a write on every request's critical path, which is
+what the batched traffic log exists to avoid.
 """
 
 from __future__ import annotations
@@ -225,7 +227,9 @@ class Bucket:
 
 
 class RateLimiter:
-    """Per-key token buckets; a key's own limits, else the gateway's defaults (`gateway.*_per_minute`)."""
+    """Per-key token buckets in this process; a key's own limits, else the gateway's defaults
+    (`gateway.*_per_minute`). The request path calls the async `acquire` and `charge`, which
+    `gateway.ratelimit.RedisRateLimiter` overrides to share the buckets through Redis."""
 
     def __init__(self, requests_per_minute: int | None = None, tokens_per_minute: int | None = None) -> None:
         self.default_requests, self.default_tokens = requests_per_minute, tokens_per_minute
@@ -266,3 +270,14 @@ class RateLimiter:
             bucket = self._bucket(self.tokens, key_id, tokens_per_minute)
             bucket.refill()
             bucket.level -= tokens
+
+    async def acquire(self, key_id: int, requests_per_minute: int | None, tokens_per_minute: int | None) -> None:
+        """`admit`, as the request path calls it (a shared limiter awaits its backend here)."""
+        self.admit(key_id, requests_per_minute, tokens_per_minute)
+
+    async def charge(self, key_id: int, tokens_per_minute: int | None, tokens: int) -> None:
+        """`spend_tokens`, as the request path calls it."""
+        self.spend_tokens(key_id, tokens_per_minute, tokens)
+
+    async def aclose(self) -> None:
+        """Release what the limiter holds (nothing in process; a Redis client's connections)."""

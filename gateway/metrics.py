@@ -69,6 +69,11 @@ class Metrics:
         self.log_written = Counter("tunegate_traffic_log_rows_written", "Traffic-log rows stored.", registry=r)
         self.log_queue = Gauge("tunegate_traffic_log_queue_depth", "Traffic-log rows waiting.", registry=r)
         self.rate_limited = Counter("tunegate_rate_limited", "Requests refused with 429.", ["kind"], registry=r)
+        self.rate_limit_backend_errors = Counter(
+            "tunegate_rate_limit_backend_errors",
+            "Calls to the shared rate-limit backend (Redis) that failed; the replica limited on its own.",
+            registry=r,
+        )
         self.circuit_open = Gauge("tunegate_upstream_circuit_open", "1 while the vLLM circuit is open.", registry=r)
         self.review_queue = Gauge("tunegate_review_queue_depth", "Review items waiting for a reviewer.", registry=r)
 

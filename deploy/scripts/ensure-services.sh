@@ -41,14 +41,23 @@ fi
 PGPASSWORD=tunegate psql -X -q -h 127.0.0.1 -U tunegate -d tunegate -c 'select 1' >/dev/null \
   || { echo "PostgreSQL: cannot log in as tunegate on 127.0.0.1:5432/tunegate" >&2; exit 1; }
 
-# Redis: shared rate limits between gateway replicas (the tests use 127.0.0.1:6379).
-if ! command -v redis-server >/dev/null 2>&1; then
+# Redis: the per-key rate limits shared by gateway replicas (`gateway.redis_url`); the tests use
+# 127.0.0.1:6379 (tests/test_shared_limits.py). Debian's `redis-server` (it brings `redis-cli`), started
+# here without systemd (containers have none): in memory only, as the `redis` user the package made.
+if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   echo "installing Redis"; apt_install redis-server
 fi
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting Redis"
-  mkdir -p /var/lib/redis /var/log/redis
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+  $SUDO mkdir -p /var/lib/redis /var/log/redis
+  as_redis=()
+  if id redis >/dev/null 2>&1; then
+    $SUDO chown redis: /var/lib/redis /var/log/redis
+    if [ "$(id -u)" = 0 ]; then as_redis=(runuser -u redis --); else as_redis=(sudo -u redis); fi
+  elif [ -n "$SUDO" ]; then
+    as_redis=(sudo)
+  fi
+  "${as_redis[@]}" redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
     --dir /var/lib/redis --logfile /var/log/redis/tunegate.log
   for _ in $(seq 20); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.5; done
 fi

@@ -153,7 +153,7 @@ class CompletionService:
         self.recorder.begin()
         streaming = acquired = False
         try:
-            self.limiter.admit(caller.key_id, *self.limiter.limits(caller))
+            await self.limiter.acquire(caller.key_id, *self.limiter.limits(caller))
             ex.target = await self.router.resolve(body.model, ex.end_user)
             await self.adapters.acquire(ex.target)
             acquired = True
@@ -457,5 +457,5 @@ class CompletionService:
         """Charge the tokens to the key, and hand the exchange to the recorder (row and metrics)."""
         prompt_tokens, completion_tokens = ex.tokens()
         tokens_per_minute = self.limiter.limits(ex.caller)[1]
-        self.limiter.spend_tokens(ex.caller.key_id, tokens_per_minute, (prompt_tokens or 0) + (completion_tokens or 0))
+        await self.limiter.charge(ex.caller.key_id, tokens_per_minute, (prompt_tokens or 0) + (completion_tokens or 0))
         await self.recorder.finish(ex)
