@@ -411,8 +411,18 @@ def _already_waited(session, candidate: Adapter, test_version: int | None) -> bo
 
 
 def _next_pass(session, route: str, delay_s: float) -> None:
-    """Keep exactly one pending pass per route, due within `delay_s`."""
+    """Keep exactly one pending pass per route, due within `delay_s`.
+
+    The caller's own job is already finished in this transaction. While another pass of the route is
+    running (a training ended during it), nothing is filed: that pass files its successor when it ends,
+    and a pass filed now would be claimed at once and run beside it. Two callers at once (a pass and a
+    training of the same route ending together) take turns on `schedule`'s lock, so neither files a
+    second pending pass that the other's query could not see yet."""
+    advisory_lock(session, "tunegate.loop.schedule")
     due = utcnow() + timedelta(seconds=delay_s)
+    running = session.scalars(sa.select(Job.payload).where(Job.kind == PASS_JOB, Job.status == JobStatus.RUNNING))
+    if any((payload or {}).get("route") == route for payload in running):
+        return
     queued = session.scalars(
         sa.select(Job).where(Job.kind == PASS_JOB, Job.status == JobStatus.QUEUED).with_for_update()
     ).all()
