@@ -86,6 +86,7 @@ class LoopSettings(_Section):
     agreement_below: float = Field(0.8, ge=0, le=1, description="Guard-reviewer agreement that re-fits the guard.")
     agreement_min_items: int = Field(30, ge=1, description="Reviewed items agreement needs.")
     train_max_steps: int = Field(300, ge=1, description="Training steps of a loop-filed training job.")
+    train_learning_rate: float = Field(2e-3, gt=0, description="Peak learning rate of a loop-filed training job.")
     interval_s: float = Field(10.0, gt=0, description="How often a worker looks for work when idle.")
     trigger: TriggerSettings = Field(default_factory=TriggerSettings)
     gate: GateSettings = Field(default_factory=GateSettings)

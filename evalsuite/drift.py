@@ -4,8 +4,10 @@ Owns the drift checks of one signal at a time: a numeric signal (risk, latency, 
 flag rate (share of held or flagged answers) and the questions themselves (text embeddings). Pure
 functions over plain sequences: no database, no HTTP.
 
-The choice of test follows Evidently's defaults (Evidently is not a dependency; scipy and
-scikit-learn supply the statistics):
+The choice of test follows Evidently's defaults. Evidently itself is not a dependency: 0.7.23 would
+install beside vLLM without a downgrade (`pip install --dry-run` on this venv), but brings 22 more
+packages (a web framework, a usage-telemetry client among them) for tests that are scipy's and
+scikit-learn's underneath; those two well-kept libraries supply the statistics here directly:
 - numeric, both windows of at most 1000 values: two-sample Kolmogorov-Smirnov, drift when p < 0.05;
 - numeric, larger windows (where KS flags differences too small to matter): Wasserstein distance
   normalised by the reference's standard deviation ("wasserstein normed"), drift when > 0.1. Evidently

@@ -38,6 +38,7 @@ from core.db import Adapter, OnlineScore, Request, ReviewItem, utcnow
 from core.io import last_user_text, normalise_answer
 from core.lifecycle import BASE
 from core.loop_settings import LoopSettings
+from core.settings import GuardrailSettings
 from core.vocab import Decision, Verdict
 
 SCORED_ENDPOINTS = ("chat", "completions")  # what the gateway's recorder writes in `requests.endpoint`
@@ -363,3 +364,22 @@ def current_quality(session: Session, route: str, adapter_version: str, last_n: 
     scores = session.scalars(query).all()
     since = min((s.window_start for s in scores), default=None)
     return QualitySummary(route, adapter_version, since=since, **_summary(scores))
+
+
+def llm_judge(settings: GuardrailSettings) -> Judge | None:
+    """The optional LLM judge (`guardrails.judge_url`, the guardrails' judge detector) as scoring's
+    `judge(question, answer)`: 1 when the judge finds the answer supported; None when none is set."""
+    if not settings.judge_url:
+        return None
+    from guardrails.detectors.judge import JudgeDetector
+    from guardrails.types import CheckInput
+
+    detector = JudgeDetector(settings.judge_url, settings.judge_model or "judge", settings.judge_api_key)
+
+    def judge(question: str, answer: str) -> float:
+        result = detector(CheckInput(question=question, answer=answer))
+        if result.score is None:  # unknown: counted in `judge_errors`, the exchange stays unjudged
+            raise RuntimeError(f"the judge gave no verdict: {result.evidence}")
+        return 1.0 - result.score
+
+    return judge

@@ -52,7 +52,8 @@ def demo_settings(settings: Settings, run_dir: Path, base_path: Path, kb: Path) 
         "holdout_size": 80,
         "test_share": 0.25,
         "replay_rows": 300,
-        "train_max_steps": 300,
+        "train_max_steps": 400,
+        "train_learning_rate": 4e-3,
         "trigger": {"min_new_labels": 120, "quality_below": 0.0, "on_drift": False, "cooldown_s": 3600},
         "gate": {"min_effect": 0.3, "expected_discordance": 0.35, "holdout_margin": 0.05},
         "canary": {"steps": [0.1, 0.5, 1.0], "step_requests": 12, "max_latency_ratio": 2.0},
@@ -144,6 +145,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
     migrate.upgrade(s.database_url)
     name = s.base_model.served_name
     with VllmServer(build.path, name, s.vllm, port=free_port(), log_path=out / "vllm-demo.log") as server:
+        s = s.model_copy(update={"vllm": s.vllm.model_copy(update={"url": server.url})})
         demo = DemoLoop(s, server.url, domain, console, ROUTE, N_REVIEWED_FACTS)
         report = demo.run()
     report["total_seconds"] = round(time.perf_counter() - started, 1)

@@ -50,7 +50,8 @@ from core.db import (
     utcnow,
 )
 from core.db.leases import advisory_lock
-from core.lifecycle import BASE, active_target, route_table, seed_routes, version_label
+from core.io import read_jsonl
+from core.lifecycle import active_target, route_table, seed_routes, version_label
 from core.settings import Settings
 from core.vllm import chat_greedy, load_adapter
 from core.vocab import AdapterStatus, EvalKind, EvalStatus, JobStatus
@@ -84,6 +85,12 @@ class Loop:
     @cached_property
     def embed(self):
         return drift.minilm_embedder()
+
+    @cached_property
+    def judge(self):
+        from evalsuite.scoring import llm_judge
+
+        return llm_judge(self.settings.guardrails)
 
     def answer(self, model: str, conversations) -> list[str]:
         return chat_greedy(self.vllm_url, model, conversations)
@@ -177,7 +184,8 @@ class Loop:
             out[f"{route}.assign"] = testsets.assign_reviewed(session, route, self.settings.loop).to_dict()
         with session_scope(self.sessions) as session:
             gold = {r: testsets.gold_answers(session, r) for r in route_table(session)}
-            out["score"] = scoring.score_new_traffic(session, self.settings.loop, _merge(gold)).to_dict()
+            batch = scoring.score_new_traffic(session, self.settings.loop, _merge(gold), judge=self.judge)
+            out["score"] = batch.to_dict()
             scoring.refresh_verdicts(session)
         out[f"{route}.drift"] = self.step_drift(route)
         out[f"{route}.prioritise"] = self.step_prioritise(route)
@@ -293,11 +301,28 @@ class Loop:
             decision = triggers.decide(session, route, self.settings.loop, quality, scored, drifted)
             if decision.fire:
                 rows_, counts = triggers.snapshot_rows(
-                    session, route, self.replay.get(route, []), self.curated.get(route, []), self.settings.loop
+                    session, route, self.replay_rows(session, route), self.curated_rows(route), self.settings.loop
                 )
                 job = triggers.file_training_job(session, decision, rows_, counts, self.snapshot_dir)
                 return decision.to_dict() | {"job_id": job.id, "counts": counts}
             return decision.to_dict()
+
+    def replay_rows(self, session, route: str) -> list[dict]:
+        """The active version's own training data: its training job's snapshot, or for the base model
+        `replay[route]` (the embedded base model's pre-training set)."""
+        active = active_target(route_table(session).get(route, []))
+        for job in triggers.training_jobs(session, route) if active and active.adapter_id else []:
+            if (job.result or {}).get("adapter_id") == active.adapter_id:
+                return [row for _, row in read_jsonl(job.payload["snapshot"])]
+        return self.replay.get(route, [])
+
+    def curated_rows(self, route: str) -> list[dict]:
+        """Rows an operator added for the route: `curated[route]`, and every JSONL file (chat rows,
+        `messages`) in `<var_dir>/loop/curated/<route>/`, read when a training is filed."""
+        rows = list(self.curated.get(route, []))
+        for path in sorted((self.snapshot_dir.parent / "curated" / route).glob("*.jsonl")):
+            rows += [{"messages": row["messages"]} for _, row in read_jsonl(path)]
+        return rows
 
     @property
     def snapshot_dir(self) -> Path:
@@ -319,19 +344,19 @@ class Loop:
             tests = testsets.contamination_texts(session, route)
         out = self.snapshot_dir.parent / "runs" / payload["content_hash"][:16]
         base = base_model_path(self.settings)
+        # Every label trains: the gate, on the route's test set and holdout, is this model's validation.
         curated = curate(
             [payload["snapshot"]],
             out / "curated",
-            CurationConfig(max_tokens=self.settings.vllm.max_model_len),
+            CurationConfig(max_tokens=self.settings.vllm.max_model_len, validation_fraction=0.0),
             tokenizer=AutoTokenizer.from_pretrained(base),
             test_texts=tests,
         )
         config = TrainConfig(
             name=route,
             train_file=out / "curated" / "train.jsonl",
-            validation_file=out / "curated" / "validation.jsonl",
             max_steps=self.settings.loop.train_max_steps,
-            eval_steps=50,
+            learning_rate=self.settings.loop.train_learning_rate,
         )
         trained = train_and_register(self.settings, config, progress=False)
         report = curated.to_dict()
@@ -339,9 +364,8 @@ class Loop:
             "adapter_id": trained.get("adapter_id"),
             "version": trained.get("version"),
             "train_rows": curated.train_rows,
-            "validation_rows": curated.validation_rows,
             "contaminated_removed": report["rejected_by_rule"].get("contamination", 0),
-            "eval_loss": trained["metrics"].get("eval_loss"),
+            "train_loss": trained["metrics"].get("train_loss"),
         }
 
     # --- gate and canary ------------------------------------------------------------------------
@@ -464,16 +488,3 @@ def run_worker(loop: Loop, once: bool = False, stop=None) -> None:
         if once or (stop is not None and stop()):
             return
         time.sleep(max(0.0, loop.settings.loop.interval_s - (time.monotonic() - started)))
-
-
-def base_replay(settings: Settings) -> list[dict]:
-    """The base model's own training data, to replay: for the embedded base, its pre-training set."""
-    if settings.base_model.path:
-        return []
-    from training.domain import Domain
-
-    domain = Domain()
-    return domain.qa_examples(domain.old_facts)
-
-
-__all__ = ["BASE", "Loop", "base_replay", "run_worker", "served_name"]

@@ -17,7 +17,7 @@ VllmOption = Annotated[str | None, typer.Option("--vllm-url", help="The vLLM ser
 
 
 def _loop(config, vllm_url: str | None):
-    from tunegate.loop import Loop, base_replay
+    from tunegate.loop import Loop
 
     settings = settings_or_exit(config)
     url = vllm_url or settings.vllm.url
@@ -29,6 +29,17 @@ def _loop(config, vllm_url: str | None):
     for route in loop.routes():
         loop.replay[route] = base_replay(settings)
     return loop
+
+
+def base_replay(settings) -> list[dict]:
+    """The base model's own training data, to replay beside reviewed labels: for the embedded base model,
+    its pre-training set; a configured base model's is not known (add curated rows instead)."""
+    if settings.base_model.path:
+        return []
+    from training.domain import Domain
+
+    domain = Domain()
+    return domain.qa_examples(domain.old_facts)
 
 
 @worker_app.command()
