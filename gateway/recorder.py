@@ -17,15 +17,26 @@ response bodies, the guardrails' context and evidence; the quoted fragments of t
 Log lines name a request by its id, never by its text.
 
 Never stalls (`gateway.records`): values no database stores (lone surrogates, NUL, NaN, overlong
-strings) are cleaned; a row the database still refuses goes to `<var_dir>/traffic-dead-letters.jsonl`
-with its reason (`tunegate_traffic_log_dead_letters_total`) and its batch is written row by row; the
-queue holds `log_queue_max` rows and spills the rest to `<var_dir>/traffic-spill.jsonl`, replayed on
-start and whenever the queue is empty; `close()` waits `log_close_timeout_s` at most, then spills.
+strings) are cleaned; a row the database still refuses goes to the process's
+`<var_dir>/traffic-<owner>.dead-letters.jsonl` with its reason (`tunegate_traffic_log_dead_letters_total`)
+and its batch is written row by row; the queue holds `log_queue_max` rows and spills the rest to
+`<var_dir>/traffic-<owner>.spill.jsonl`, replayed on start and whenever the queue is empty; `close()`
+waits `log_close_timeout_s` at most, then spills.
 
 Nothing answered is lost, even to SIGKILL (`Recorder.finish` -> `TrafficLog.record_durably`): the row,
-private and clean, is appended to `<var_dir>/traffic-journal.jsonl` (a worker thread; the page cache
-keeps it when the process dies) before the client's answer is returned; the journal is dropped each
-time the queue has drained into the database, and replayed on start (rows already stored are skipped).
+private and clean, is appended to `<var_dir>/traffic-<owner>.journal.jsonl` (a worker thread; the page
+cache keeps it when the process dies) before the client's answer is returned; the journal is dropped
+each time the queue has drained into the database (and by `close()`, once every row is written or
+spilled), and replayed on start (rows already stored are skipped).
+
+Several processes on one `var_dir` (replicas and uvicorn workers on a shared volume): every TrafficLog
+owns its files (`<owner>` = `<host>-<pid>-<random>`, `gateway.records.Owner`) and holds an exclusive
+`flock` on `<var_dir>/traffic-<owner>.lock` from its first write (or `start()`) until `close()` or the
+process's death, so dropping its journal never touches another process's rows. On start it adopts
+(renames into its own spill, then replays) the journal and spill files of every owner whose lock it can
+take or whose lock file is gone, and the single `traffic-journal.jsonl` / `traffic-spill.jsonl` of
+earlier versions; a live process's files are never touched. A process that was forked after its
+TrafficLog was made takes an owner of its own.
 
 Retention (`purge_expired`) deletes old rows no review item or training example uses.
 """
@@ -34,6 +45,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -53,7 +66,9 @@ from gateway.errors import GatewayError
 from gateway.metrics import Metrics
 from gateway.records import (
     DEAD_LETTERS,
+    JOURNAL,
     SPILL,
+    Owner,
     RowFile,
     clean_row,
     dead_letter_record,
@@ -74,7 +89,6 @@ TEXT_FIELDS = ("prompt_text", "answer_text")
 BODY_FIELDS = ("request_json", "response_json")
 RETRY_AFTER_S = 5
 _STOP: dict = {}  # queued by close(): everything before it gets written, then the writer ends
-JOURNAL = "traffic-journal.jsonl"
 
 
 @dataclass(frozen=True)
@@ -180,8 +194,9 @@ class TrafficLog:
         self.sessions, self.settings, self.metrics = sessions, settings, metrics
         self.backoff_s = backoff_s  # first and longest wait between retries of a failed write
         self.queue: asyncio.Queue[dict] = asyncio.Queue(maxsize=settings.log_queue_max)
-        self.spill, self.dead_letters = RowFile(var_dir / SPILL), RowFile(var_dir / DEAD_LETTERS)
-        self.journal = RowFile(var_dir / JOURNAL)
+        self.var_dir = var_dir
+        self._owning = threading.Lock()
+        self._own(Owner(var_dir))
         self._journaling = 0  # rows between their journal append and their place in the queue
         self._task: asyncio.Task | None = None
         self._batch: list[dict] = []  # the batch being written (spilled if shutdown cannot wait for it)
@@ -192,7 +207,20 @@ class TrafficLog:
             metrics, "tunegate_traffic_log_dead_letters", "Traffic-log rows the database refused (dead-letter file)."
         )
 
+    def _own(self, owner: Owner) -> None:
+        self.owner = owner
+        self.journal, self.spill = RowFile(owner.path(JOURNAL)), RowFile(owner.path(SPILL))
+        self.dead_letters = RowFile(owner.path(DEAD_LETTERS))
+
+    def _claim(self) -> None:
+        """Hold this process's lock before its first file is written (a new owner after a fork)."""
+        with self._owning:
+            if self.owner.pid != os.getpid():
+                self._own(Owner(self.var_dir))
+            self.owner.acquire()
+
     def start(self) -> None:
+        self._claim()
         self._task = asyncio.create_task(self._run(), name="traffic-log-writer")
 
     def record(self, row: dict) -> None:
@@ -218,6 +246,7 @@ class TrafficLog:
 
     def _journal(self, row: dict) -> dict:
         ready = clean_row(private(row, self.settings))
+        self._claim()
         self.journal.append([ready])
         return ready
 
@@ -225,6 +254,7 @@ class TrafficLog:
         return item.row if isinstance(item, _Ready) else clean_row(private(item, self.settings))
 
     def _spill(self, rows: list[dict | _Ready]) -> None:
+        self._claim()
         self.spill.append([self._ready(row) for row in rows])
         self.spilled_rows.inc(len(rows))
         log.warning("traffic log: %d row(s) spilled to %s", len(rows), self.spill.path)
@@ -235,6 +265,7 @@ class TrafficLog:
             path.unlink(missing_ok=True)
 
     def _dead_letter(self, row: dict, reason: str) -> None:
+        self._claim()
         self.dead_letters.append([dead_letter_record(row, reason)])
         self.dead_lettered.inc()
         log.error(
@@ -301,9 +332,16 @@ class TrafficLog:
         return store_rows(self.sessions, rows, self._dead_letter)
 
     async def _replay(self, journal: bool = False) -> None:
-        """Write the spilled rows (see `gateway.records`), and on start what a crash left in the journal;
+        """Write the spilled rows (see `gateway.records`), and on start what a crash left in the journal
+        and what dead or closed processes left on this `var_dir` (adopted into this process's spill);
         a file stays until all its rows are stored (rows stored already are skipped)."""
+
         def taken() -> list[Path]:
+            if journal:
+                try:
+                    self.owner.adopt_orphans(into=self.spill)
+                except OSError:  # the folder cannot be read: this process's own rows still go in
+                    log.exception("traffic log: could not look for files left by other processes")
             return (self.journal.take() if journal else []) + self.spill.take()
 
         for path in await asyncio.to_thread(taken):
@@ -318,11 +356,13 @@ class TrafficLog:
         unwritten (the database is down) spills to disk, to be written on the next start."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.log_close_timeout_s
+        cut_short = False
         if self._task is not None and not self._task.done():
             try:
                 await asyncio.wait_for(self.queue.put(_STOP), deadline - loop.time())
                 await asyncio.wait_for(asyncio.shield(self._task), max(0.0, deadline - loop.time()))
             except TimeoutError:
+                cut_short = True
                 self._task.cancel()
                 await asyncio.gather(self._task, return_exceptions=True)
         if self._spilling:
@@ -336,6 +376,11 @@ class TrafficLog:
         if rest:  # never wait on the database here: the next start writes them
             await asyncio.to_thread(self._spill, rest)
         self.metrics.log_queue.set(self.queue.qsize())
+        if not self._journaling:  # every journalled row is stored or spilled: release the files
+            if not cut_short:  # (a replay cut short may have left journal rows in neither)
+                await asyncio.to_thread(self._drop_journal)
+            with self._owning:
+                self.owner.release()
 
 
 def _counter(metrics: Metrics, name: str, documentation: str) -> Counter:

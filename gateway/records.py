@@ -9,18 +9,37 @@
   the rows one by one: a row already stored under its id (an earlier try, or the review path) is
   skipped, any other row that fails is handed to `dead_letter` with its reason. One bad row never
   blocks the others.
-* `RowFile` is a JSONL file of rows under `var_dir`: `traffic-spill.jsonl` (rows the bounded queue had
-  no room for, or left at shutdown; replayed into the table on start and when the queue has room)
-  and `traffic-dead-letters.jsonl` (`{"at", "reason", "row"}` per line, kept for an operator).
-  Rows are written there after `private()`, so the files hold no more than the table would.
+* `RowFile` is a JSONL file of rows under `var_dir`, one set per process (`Owner`):
+  `traffic-<owner>.journal.jsonl` (every answered row, before the answer leaves),
+  `traffic-<owner>.spill.jsonl` (rows the bounded queue had no room for, or left at shutdown; replayed
+  into the table on start and when the queue has room) and `traffic-<owner>.dead-letters.jsonl`
+  (`{"at", "reason", "row"}` per line, kept for an operator). Rows are written there after
+  `private()`, so the files hold no more than the table would.
+* `Owner` makes those files one process's own, so several processes (gateway replicas, uvicorn
+  workers) can share one `var_dir` on a shared volume. `<owner>` is `<host>-<pid>-<random>`; the
+  process holds an exclusive `fcntl.flock` on `traffic-<owner>.lock` for as long as it lives (the
+  kernel, or the NFSv4 server, drops the lock when the process dies, SIGKILL included).
+  `Owner.adopt_orphans()` (on start) renames into this process's own replay files the journal and
+  spill files of every owner whose lock it can take (its process is dead) or whose lock file is gone
+  (it closed with rows left to write), and the single files of earlier versions
+  (`traffic-journal.jsonl`, `traffic-spill.jsonl`); the files of an owner whose lock is held (a live
+  process) are never touched. A lock file appears already locked (created under a temporary name,
+  locked, then renamed), and an adopter checks after locking that the path is still the file it
+  locked, so two adopters never replay one orphan twice (and rows replayed twice are skipped by id).
+  Dead-letter files are never adopted: they wait for an operator under their owner's name.
+  The volume must support `flock` between the processes that share it (local disks; NFSv4, where
+  Linux maps `flock` to NFS byte-range locks).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
+import os
 import re
+import socket
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -42,7 +61,12 @@ _QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
 JSON_COLUMNS = ("request_json", "response_json", "guardrail_scores")
 DATETIME_COLUMNS = ("created_at",)
 LIMITS = {c.name: c.type.length for c in Request.__table__.columns if isinstance(c.type, sa.String) and c.type.length}
-SPILL, DEAD_LETTERS = "traffic-spill.jsonl", "traffic-dead-letters.jsonl"
+JOURNAL, SPILL, DEAD_LETTERS = "journal", "spill", "dead-letters"  # the kinds of an owner's files
+LEGACY = ("traffic-journal.jsonl", "traffic-spill.jsonl")  # one file for every process (before owners)
+_LEGACY = re.compile(r"traffic-(journal|spill)\.jsonl(\.[0-9a-f]+\.replay)?")
+_OWNED = re.compile(
+    r"traffic-(?P<owner>[A-Za-z0-9_-]+)\.(?P<kind>lock|journal\.jsonl|spill\.jsonl)(\.[0-9a-f]+\.replay)?"
+)
 
 
 def clean_text(text: str, limit: int | None = None) -> str:
@@ -184,6 +208,113 @@ class RowFile:
                     if isinstance(row.get(name), str):
                         row[name] = datetime.fromisoformat(row[name])
                 yield row
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname() or "host")[:63]
+
+
+_GONE = "gone"
+
+
+def _lock_if_dead(path: Path):
+    """`path` opened and exclusively locked when its owner is dead; `_GONE` when the file is gone (its
+    owner closed, or another adopter removed it); None when a live process holds the lock."""
+    try:
+        held = path.open("r+b")
+    except FileNotFoundError:
+        return _GONE
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held by a live process (EWOULDBLOCK), or the lock cannot be taken: leave it alone
+        held.close()
+        return None
+    try:
+        same = os.stat(path).st_ino == os.fstat(held.fileno()).st_ino
+    except FileNotFoundError:
+        same = False
+    if not same:  # another adopter took this orphan and removed its lock file meanwhile
+        held.close()
+        return _GONE
+    return held
+
+
+class Owner:
+    """This process's claim on its traffic files under `var_dir` (see the module docstring)."""
+
+    def __init__(self, var_dir: Path) -> None:
+        self.var_dir, self.pid = var_dir, os.getpid()
+        self.name = f"{_host()}-{self.pid}-{uuid.uuid4().hex[:8]}"
+        self.lock_path = var_dir / f"traffic-{self.name}.lock"
+        self._held = None
+
+    def path(self, kind: str) -> Path:
+        return self.var_dir / f"traffic-{self.name}.{kind}.jsonl"
+
+    @property
+    def held(self) -> bool:
+        return self._held is not None
+
+    def acquire(self) -> None:
+        """Create and lock the lock file (idempotent). It is locked before it gets its name, so no
+        adopter ever sees it unlocked."""
+        if self._held is not None:
+            return
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.var_dir / f".{self.lock_path.name}.{uuid.uuid4().hex[:8]}.tmp"
+        held = tmp.open("w+b")
+        try:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held.write(f"{self.name}\n".encode())
+            held.flush()
+            tmp.rename(self.lock_path)
+        except BaseException:
+            held.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        self._held = held
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock: files left behind (rows not yet written) are orphans."""
+        if self._held is None:
+            return
+        self.lock_path.unlink(missing_ok=True)
+        self._held.close()
+        self._held = None
+
+    def adopt_orphans(self, into: RowFile) -> list[Path]:
+        """Rename the journal and spill files of dead or closed owners, and the files of earlier
+        versions, into `into`'s replay files (this owner's spill); returns the files adopted."""
+        owners: dict[str, list[Path]] = {}
+        adopted: list[Path] = []
+        for path in sorted(self.var_dir.glob("traffic-*")):
+            if _LEGACY.fullmatch(path.name):
+                owners.setdefault("", []).append(path)
+            elif (match := _OWNED.fullmatch(path.name)) and match["owner"] != self.name:
+                if match["kind"] != "lock":
+                    owners.setdefault(match["owner"], []).append(path)
+                else:
+                    owners.setdefault(match["owner"], [])
+        for owner, paths in owners.items():
+            lock = self.var_dir / f"traffic-{owner}.lock"
+            held = _lock_if_dead(lock) if owner else _GONE
+            if held is None:
+                continue  # a live process: its files are its own
+            try:
+                for path in paths:
+                    target = into.path.with_name(f"{into.path.name}.{uuid.uuid4().hex[:8]}.replay")
+                    try:
+                        path.rename(target)
+                    except FileNotFoundError:  # another adopter (or its owner, closing) was first
+                        continue
+                    adopted.append(target)
+                    log.warning("traffic log: replaying %s, left by a process that is gone", path.name)
+                if held is not _GONE:
+                    lock.unlink(missing_ok=True)
+            finally:
+                if held is not _GONE:
+                    held.close()
+        return adopted
 
 
 def dead_letter_record(row: dict[str, Any], reason: str) -> dict[str, Any]:

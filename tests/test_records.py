@@ -16,7 +16,7 @@ from core.db import Request, make_engine, session_factory, upgrade, utcnow
 from core.settings import GatewaySettings
 from gateway.metrics import Metrics
 from gateway.recorder import TrafficLog, private
-from gateway.records import DEAD_LETTERS, SPILL, clean_row, reason_of
+from gateway.records import clean_row, reason_of
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -80,7 +80,7 @@ def test_values_a_client_can_send_are_stored_clean(sessions, tmp_path):
     assert len(got.end_user) == 200 and got.risk is None
     assert got.request_json == {"messages": [{"content": "a\ufffdb\ufffd"}], "temperature": None, "\ufffdk": None}
     assert got.response_json == {"x": [None, "\ufffd"]}
-    assert not (tmp_path / DEAD_LETTERS).exists()
+    assert not list(tmp_path.glob("*dead-letters*"))
 
 
 def test_a_refused_row_is_dead_lettered_and_its_batch_written(sessions, tmp_path):
@@ -90,7 +90,8 @@ def test_a_refused_row_is_dead_lettered_and_its_batch_written(sessions, tmp_path
     log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
     run(write(log, [good[0], bad, good[1], good[2]]))
     assert set(stored(sessions, [r["id"] for r in [*good, bad]])) == {r["id"] for r in good}
-    letters = [json.loads(line) for line in (tmp_path / DEAD_LETTERS).read_text().splitlines()]
+    assert log.dead_letters.path.name == f"traffic-{log.owner.name}.dead-letters.jsonl"
+    letters = [json.loads(line) for line in log.dead_letters.path.read_text().splitlines()]
     assert [letter["row"]["id"] for letter in letters] == [bad["id"]] and letters[0]["reason"]
     assert metrics.registry.get_sample_value("tunegate_traffic_log_dead_letters_total") == 1
 
@@ -105,7 +106,7 @@ def test_a_row_already_stored_is_not_inserted_twice_nor_dead_lettered(sessions, 
     run(write(log, [again, other]))
     rows = stored(sessions, [first["id"], other["id"]])
     assert set(rows) == {first["id"], other["id"]} and rows[first["id"]].answer_text == "stored with its review item"
-    assert not (tmp_path / DEAD_LETTERS).exists()
+    assert not list(tmp_path.glob("*dead-letters*"))
 
 
 def test_a_full_queue_spills_to_disk_and_is_replayed(sessions, tmp_path):
@@ -118,7 +119,7 @@ def test_a_full_queue_spills_to_disk_and_is_replayed(sessions, tmp_path):
         for r in rows:  # the writer is not running: the queue fills up
             log.record(r)
         await asyncio.gather(*log._spilling)
-        spilled = [json.loads(line) for line in (tmp_path / SPILL).read_text().splitlines()]
+        spilled = [json.loads(line) for line in log.spill.path.read_text().splitlines()]
         await write(log, [])  # start, then close: the queue and the spill file go to the database
         return spilled
 
@@ -127,7 +128,7 @@ def test_a_full_queue_spills_to_disk_and_is_replayed(sessions, tmp_path):
     assert all(s["prompt_text"] is None for s in spilled)  # privacy holds on disk too
     assert set(stored(sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
     assert metrics.registry.get_sample_value("tunegate_traffic_log_rows_spilled_total") == 3
-    assert not list(tmp_path.glob(f"{SPILL}*"))
+    assert not list(tmp_path.glob("traffic-*")), "spill replayed, journal dropped, lock released"
 
 
 def test_shutdown_keeps_its_deadline_and_spills_what_is_left(sessions, tmp_path):
@@ -136,9 +137,11 @@ def test_shutdown_keeps_its_deadline_and_spills_what_is_left(sessions, tmp_path)
 
     rows = [row() for _ in range(4)]
     settings = GatewaySettings(log_close_timeout_s=0.2, log_flush_interval_s=0.01)
-    run(write(TrafficLog(down, settings, Metrics(), backoff_s=(0.05, 0.05), var_dir=tmp_path), rows))
+    first = TrafficLog(down, settings, Metrics(), backoff_s=(0.05, 0.05), var_dir=tmp_path)
+    run(write(first, rows))
     assert stored(sessions, [r["id"] for r in rows]) == {}
-    assert len((tmp_path / SPILL).read_text().splitlines()) == 4
+    assert len(first.spill.path.read_text().splitlines()) == 4
+    assert not first.owner.lock_path.exists(), "closed: its spill is left for the next start"
 
     run(write(TrafficLog(sessions, settings, Metrics(), var_dir=tmp_path), []))  # the next start writes them
     assert set(stored(sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
@@ -178,7 +181,8 @@ def test_a_journalled_row_survives_a_crash_and_is_stored_once(sessions, tmp_path
         await log.record_durably(second)
 
     run(crash_before_the_writer_runs())
-    journal = (tmp_path / "traffic-journal.jsonl").read_text()
+    (journal_path,) = tmp_path.glob("traffic-*.journal.jsonl")
+    journal = journal_path.read_text()
     assert first["id"] in journal and second["id"] in journal and "jane@example.com" not in journal
     run(write(TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path), [second]))
     rows = stored(sessions, [first["id"], second["id"]])
@@ -189,10 +193,10 @@ def test_a_journalled_row_survives_a_crash_and_is_stored_once(sessions, tmp_path
         log.start()
         await log.record_durably(row())
         for _ in range(200):
-            if not list(tmp_path.glob("traffic-journal*")):
+            if not list(tmp_path.glob("traffic-*journal*")):
                 break
             await asyncio.sleep(0.05)
         await log.close()
 
     run(drained())
-    assert not list(tmp_path.glob("traffic-journal*")), "the journal is dropped once its rows are stored"
+    assert not list(tmp_path.glob("traffic-*journal*")), "the journal is dropped once its rows are stored"
