@@ -225,7 +225,9 @@ class GatewaySettings(_Section):
     log_batch_size: int = Field(200, ge=1, description="Traffic-log rows written per database round trip.")
     log_flush_interval_s: float = Field(0.2, gt=0, description="Longest a traffic-log row waits to be written.")
     log_queue_max: int = Field(
-        10_000, ge=1, description="Traffic-log rows queued in memory; more spill to `<var_dir>/traffic-spill.jsonl`."
+        10_000,
+        ge=1,
+        description="Traffic-log rows queued in memory; more spill to `<var_dir>/traffic-<owner>.spill.jsonl`.",
     )
     log_close_timeout_s: float = Field(
         10.0, gt=0, description="Longest shutdown waits to write the traffic log; what is left spills to disk."

@@ -54,12 +54,23 @@ def demo_settings(settings: Settings, run_dir: Path, base_path: Path, kb: Path) 
         "replay_rows": 300,
         "train_max_steps": 400,
         "train_learning_rate": 4e-3,
-        "trigger": {"min_new_labels": 120, "quality_below": 0.0, "on_drift": False, "cooldown_s": 3600},
+        "trigger": {"min_new_labels": 170, "quality_below": 0.0, "on_drift": False, "cooldown_s": 3600},
         "gate": {"min_effect": 0.3, "expected_discordance": 0.35, "holdout_margin": 0.05},
         "canary": {"steps": [0.1, 0.5, 1.0], "step_requests": 12, "max_latency_ratio": 2.0},
         "drift": {"reference_size": 100, "window_size": 100},
     }
     return type(settings).model_validate(data)
+
+
+def _calibrate(settings: Settings, domain) -> dict:
+    """`tunegate guard calibrate` on the embedded labelled grounding set (generated for the guardrails)."""
+    from guardrails.guard import calibration_path_for, fit_calibration
+    from guardrails.registry import build_detectors
+
+    rows = domain.grounding_rows()
+    calibration = fit_calibration(rows, build_detectors(settings.guardrails), source="embedded grounding set")
+    calibration.save(calibration_path_for(settings.guardrails, settings.var_dir))
+    return {"rows": len(rows), "threshold": calibration.threshold}
 
 
 def _plot(acc: dict, path: Path) -> None:
@@ -132,7 +143,7 @@ def run_demo(settings: Settings, console: Console) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
 
-    console.rule("1. the embedded domain and the base model")
+    console.rule("1. the embedded domain, the base model, the guardrails")
     domain = Domain()
     build = ensure_base_model(settings.models_dir, progress=True)
     console.print(
@@ -143,6 +154,11 @@ def run_demo(settings: Settings, console: Console) -> dict:
     kb = write_jsonl(run_dir / "knowledge_base.jsonl", ({"text": p} for p in domain.knowledge_base.values()))
     s = demo_settings(settings, run_dir, build.path, kb)
     migrate.upgrade(s.database_url)
+    calibration = _calibrate(s, domain)
+    console.print(
+        f"guardrails: a logistic risk over the detectors fitted on {calibration['rows']} labelled grounding "
+        f"examples (threshold {calibration['threshold']:.2f}); the route holds answers from risk 0.5"
+    )
     name = s.base_model.served_name
     with VllmServer(build.path, name, s.vllm, port=free_port(), log_path=out / "vllm-demo.log") as server:
         s = s.model_copy(update={"vllm": s.vllm.model_copy(update={"url": server.url})})
