@@ -25,14 +25,14 @@ May import numpy, scipy, scikit-learn, and `guardrails` (the MiniLM encoder); no
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import stats
 
-ROUND = 6
+from evalsuite.stats import json_safe
+
 MIN_VALUES = 5  # per window: below this a test's answer is noise
 PSI_BINS = 10
 PSI_EPSILON = 1e-4
@@ -40,21 +40,6 @@ STD_FLOOR = 1e-9
 EMBED_BATCH = 64
 
 Embedder = Callable[[list[str]], np.ndarray]
-
-
-def _json_safe(value):
-    """Round floats (numpy's too) to 6 places; non-finite floats become None so `json.dumps` is strict-safe."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return round(float(value), ROUND) if math.isfinite(value) else None
-    return value
 
 
 @dataclass(frozen=True)
@@ -71,7 +56,7 @@ class DriftResult:
     n_current: int
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)
@@ -88,7 +73,7 @@ class EmbeddingDrift:
     typical_drifted: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 def _finite(values: Sequence[float]) -> np.ndarray:

@@ -50,6 +50,15 @@ class ReportResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _weights_text(weights: dict | None, labels: dict[int, str]) -> str:
+    """`{"3": 0.9, "None": 0.1}` (adapter id -> weight, None the base model) as `support/v3 0.9, base 0.1`."""
+    return ", ".join(
+        f"{labels.get(int(k), 'base') if k != 'None' else 'base'} {v:g}"
+        for k, v in (weights or {}).items()
+        if str(k).lstrip("-").isdigit() or k == "None"
+    )
+
+
 @functools.cache
 def _template() -> jinja2.Template:
     env = jinja2.Environment(
@@ -151,10 +160,8 @@ def _events(session: Session) -> tuple[list[dict[str, Any]], list[dict[str, Any]
             add(row.at, label, row.action.removeprefix("adapter."), f"{frm}{d.get('to', row.action[8:])} by "
                 f"{row.actor}: {d.get('why', '')}")  # fmt: skip
         elif row.action == "route.weights":
-            fmt = lambda w: ", ".join(f"{labels.get(int(k), 'base') if k != 'None' else 'base'} {v:g}"  # noqa: E731
-                                      for k, v in (w or {}).items() if str(k).lstrip("-").isdigit() or k == "None")
-            add(row.at, "", "route.weights", f"{fmt(d.get('before'))} ⇒ {fmt(d.get('after'))}: {d.get('why', '')}",
-                str(row.object_id))  # fmt: skip
+            before, after = _weights_text(d.get("before"), labels), _weights_text(d.get("after"), labels)
+            add(row.at, "", "route.weights", f"{before} ⇒ {after}: {d.get('why', '')}", str(row.object_id))
         elif row.action == "route.seeded":
             add(row.at, "", "route.seeded", ", ".join(f"{k} {v:g}" for k, v in (d.get("targets") or {}).items()),
                 str(row.object_id))  # fmt: skip
@@ -351,17 +358,31 @@ def write_report(session: Session, out_dir: Path, title: str = "tunegate loop re
         "title": title,
         "generated_at": datetime.now(UTC).isoformat(),
         "counts": {
-            "online_scores": sum(r["n"] for r in quality), "windows": len({r["window_start"] for r in quality}),
-            "drift_runs": len(drift), "drifted_runs": sum(d["embedding_drifted"] or d["risk_drifted"] for d in drift),
-            "review_items": len(reviews), "reviews_decided": len(decided), "gates": len(gates),
-            "rollouts": len(rollouts), "timeline_events": len(events),
+            "online_scores": sum(r["n"] for r in quality),
+            "windows": len({r["window_start"] for r in quality}),
+            "drift_runs": len(drift),
+            "drifted_runs": sum(d["embedding_drifted"] or d["risk_drifted"] for d in drift),
+            "review_items": len(reviews),
+            "reviews_decided": len(decided),
+            "gates": len(gates),
+            "rollouts": len(rollouts),
+            "timeline_events": len(events),
         },  # fmt: skip
         "latest_quality": _latest_quality(quality),
         "gates": [{k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in g.items()} for g in gates],
-        "rollouts": [{"id": r["id"], "route": r["route"], "candidate": r["candidate"], "baseline": r["baseline"],
-                      "status": r["status"], "step": r["step"], "weights": r["weights"],
-                      "judged_steps": len(r["steps"])}
-                     for r in rollouts],  # fmt: skip
+        "rollouts": [
+            {
+                "id": r["id"],
+                "route": r["route"],
+                "candidate": r["candidate"],
+                "baseline": r["baseline"],
+                "status": r["status"],
+                "step": r["step"],
+                "weights": r["weights"],
+                "judged_steps": len(r["steps"]),
+            }
+            for r in rollouts
+        ],  # fmt: skip
         "plots": sorted(p.name for p in plots.values() if p),
     }
     by_reason = Counter(r for _, _, r in decided)

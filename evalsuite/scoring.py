@@ -294,12 +294,14 @@ def _summary(scores: Sequence[OnlineScore]) -> dict[str, Any]:
 
 @dataclass
 class WindowRow:
-    """One (route, adapter version, window)'s scores. `quality` is the mean of `correct` over the
-    `judged` scores; `override_rate` is over the `reviewed` let-through answers; rates are None on no data."""
+    """Scores of one version of a route since `window_start`: one window (`window_quality`), or the newest
+    `last_n` scores (`current_quality`, `window_start` is then the oldest window among them). `quality` is
+    the mean of `correct` over the `judged` scores; `override_rate` is over the `reviewed` let-through
+    answers; rates are None on no data."""
 
     route: str
     adapter_version: str
-    window_start: datetime
+    window_start: datetime | None
     n: int
     judged: int
     quality: float | None
@@ -312,30 +314,7 @@ class WindowRow:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["window_start"] = self.window_start.isoformat()
-        return out
-
-
-@dataclass
-class QualitySummary:
-    """The newest `n` scores of one version of a route, summarised like a window."""
-
-    route: str
-    adapter_version: str
-    n: int
-    judged: int
-    quality: float | None
-    flag_rate: float | None
-    reviewed: int
-    override_rate: float | None
-    error_rate: float | None
-    mean_risk: float | None
-    p95_latency_ms: float | None
-    since: datetime | None  # the oldest window in the summary
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["since"] = self.since.isoformat() if self.since else None
+        out["window_start"] = self.window_start.isoformat() if self.window_start else None
         return out
 
 
@@ -353,7 +332,7 @@ def window_quality(session: Session, route: str | None = None, since: datetime |
     return sorted(rows, key=lambda row: (row.route, row.window_start, row.adapter_version))
 
 
-def current_quality(session: Session, route: str, adapter_version: str, last_n: int = 200) -> QualitySummary:
+def current_quality(session: Session, route: str, adapter_version: str, last_n: int = 200) -> WindowRow:
     """The newest `last_n` scores (by window, then id) of `adapter_version` on `route`."""
     query = (
         sa.select(OnlineScore)
@@ -362,8 +341,8 @@ def current_quality(session: Session, route: str, adapter_version: str, last_n: 
         .limit(last_n)
     )
     scores = session.scalars(query).all()
-    since = min((s.window_start for s in scores), default=None)
-    return QualitySummary(route, adapter_version, since=since, **_summary(scores))
+    oldest = min((s.window_start for s in scores), default=None)
+    return WindowRow(route, adapter_version, oldest, **_summary(scores))
 
 
 def llm_judge(settings: GuardrailSettings) -> Judge | None:

@@ -23,12 +23,12 @@ from scipy import stats
 ROUND = 6
 
 
-def _json_safe(value):
+def json_safe(value):
     """Round floats (numpy's too) to 6 places; non-finite floats become None so `json.dumps` is strict-safe."""
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, bool | np.bool_):
         return bool(value)
     if isinstance(value, int | np.integer):
@@ -40,7 +40,7 @@ def _json_safe(value):
 
 class _ToDict:
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
 
 @dataclass(frozen=True)

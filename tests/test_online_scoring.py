@@ -237,8 +237,8 @@ def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> N
                      "p95_latency_ms": 2.9}  # fmt: skip
     assert rows[2].quality == 0.0 and rows[2].flag_rate == 1.0 and rows[2].override_rate is None
     assert len(later) == 2 and other == []
-    assert summary.n == 3 and summary.since == w0 and summary.quality == 1.0  # scores 4 (unjudged), 5, 6
-    assert summary.mean_risk == 0.4 and summary.to_dict()["since"] == w0.isoformat()
+    assert summary.n == 3 and summary.window_start == w0 and summary.quality == 1.0  # scores 4 (unjudged), 5, 6
+    assert summary.mean_risk == 0.4 and summary.to_dict()["window_start"] == w0.isoformat()
 
 
 def test_loop_metrics_export_the_latest_window_and_what_the_worker_sets(factory: sessionmaker[Session]) -> None:
