@@ -56,7 +56,10 @@ def demo_settings(settings: Settings, run_dir: Path, base_path: Path, kb: Path) 
         "train_learning_rate": 4e-3,
         "trigger": {"min_new_labels": 170, "quality_below": 0.0, "on_drift": False, "cooldown_s": 3600},
         "gate": {"min_effect": 0.3, "expected_discordance": 0.35, "holdout_margin": 0.05},
-        "canary": {"steps": [0.1, 0.5, 1.0], "step_requests": 12, "max_latency_ratio": 2.0},
+        # On vLLM's CPU build an adapter answers 2-5x slower than the base model (`tunegate bench lora`:
+        # 0.17-0.25 of its throughput; a canary step measured 4.4x at p95), which says nothing about the
+        # adapter: the demo's latency limit is wide. On a GPU the default (1.5x) holds.
+        "canary": {"steps": [0.1, 0.5, 1.0], "step_requests": 12, "max_latency_ratio": 8.0},
         "drift": {"reference_size": 100, "window_size": 100},
     }
     return type(settings).model_validate(data)
@@ -170,10 +173,14 @@ def run_demo(settings: Settings, console: Console) -> dict:
     (out / "report.json").write_text(json.dumps(summary, indent=2, default=str))
     _table(console, report["accuracy"])
     console.rule("done")
+    loop = (
+        f"the loop took {report['loop_seconds']} s from the first drift label to the promoted adapter at 100 %"
+        if report["promoted"]
+        else f"no adapter was promoted ({report['loop_seconds']} s after the first drift label)"
+    )
     console.print(
-        f"{report['total_seconds']} s in all; the loop took {report['loop_seconds']} s from the first drift label to "
-        f"the promoted adapter at 100 %. Results: {out / 'report.json'}; plot: {out / 'knowledge.png'}; the loop's "
-        f"report (quality, drift, review, adapter timeline): {report['loop_report']}"
+        f"{report['total_seconds']} s in all; {loop}. Results: {out / 'report.json'}; plot: {out / 'knowledge.png'}; "
+        f"the loop's report (quality, drift, review, adapter timeline): {report['loop_report']}"
     )
     return summary
 

@@ -33,6 +33,7 @@ class DemoLoop:
         self.rng = random.Random(settings.seed)
         self.reviewed_facts = domain.new_facts[:n_reviewed]
         self.unreviewed_facts = domain.new_facts[n_reviewed:]
+        self.old_sample = self.rng.sample(domain.old_facts, 100)  # the same old facts before and after
         self.loop = Loop(settings, vllm_url)
         # The base model's own training data, replayed beside the reviewed labels (its pre-training set).
         self.loop.replay[route] = domain.qa_examples(domain.old_facts)
@@ -57,9 +58,8 @@ class DemoLoop:
             return [(i.question, i.answer) for i in testsets.items(session, self.route, DatasetKind.HOLDOUT)]
 
     def measure(self, model: str, when: str) -> dict:
-        old = self.rng.sample(self.domain.old_facts, 100)
         return {
-            f"old_{when}": self.accuracy(model, self.heldout(old)),
+            f"old_{when}": self.accuracy(model, self.heldout(self.old_sample)),
             f"drift_{when}": self.accuracy(model, self.heldout(self.reviewed_facts)),
             f"unseen_{when}": self.accuracy(model, self.unseen(self.reviewed_facts)),
             f"unreviewed_{when}": self.accuracy(model, self.heldout(self.unreviewed_facts)),
@@ -84,9 +84,21 @@ class DemoLoop:
         return {"asked": asked.to_dict(), "reviewed": reviewed.to_dict()}
 
     def tick(self) -> dict:
+        """A worker's turn (`Loop.tick`), told: each job it ran, in order."""
         found = self.loop.tick(force=True)
-        assign = found.get(f"{self.route}.assign", {})
-        drift = found.get(f"{self.route}.drift") or {}
+        for job in found["jobs"]:
+            if job["kind"] == triggers.TRAIN_JOB:
+                self.say(
+                    f"  training job {job['job_id']}: trained {job.get('version')} on {job.get('train_rows')} rows "
+                    f"({job.get('contaminated_removed')} removed as test contamination)"
+                )
+            else:
+                self.say("  loop pass: " + "; ".join(self.describe_pass(job)))
+        return found
+
+    def describe_pass(self, found: dict) -> list[str]:
+        r = self.route
+        assign, drift = found.get(f"{r}.assign", {}), found.get(f"{r}.drift") or {}
         bits = [
             f"labels +{assign.get('train', 0)} train / +{assign.get('test', 0)} test / "
             f"+{assign.get('holdout', 0)} holdout",
@@ -98,26 +110,19 @@ class DemoLoop:
                 f"drift: risk {parts['risk']['method']} drifted={parts['risk']['drifted']}, flag rate "
                 f"drifted={parts['flag_rate']['drifted']}, inputs AUROC {parts['embedding'].get('auroc')}"
             )
-        trig = found.get(f"{self.route}.trigger", {})
+        trig = found.get(f"{r}.trigger", {})
         if trig.get("fire"):
             bits.append(f"TRIGGER: {'; '.join(trig['reasons'])} -> training job {trig['job_id']} {trig['counts']}")
-        for job in found.get("train", []):
+        for g in found.get(f"{r}.gate", []):
             bits.append(
-                f"trained {job.get('version')} ({job.get('train_rows')} rows, "
-                f"{job.get('contaminated_removed')} removed as test contamination)"
+                f"GATE {g['candidate']} vs {g['baseline']}: {g['decision']} (test "
+                f"{g['test'].get('candidate_accuracy')} vs {g['test'].get('baseline_accuracy')}, "
+                f"p={g['test'].get('p_value')}, n={g['test'].get('n')}/{g['required_items']} needed; "
+                f"holdout diff {g['holdout'].get('difference')}){' ' + '; '.join(g['reasons']) if g['reasons'] else ''}"
             )
-        for record in found.get(f"{self.route}.gate", []):
-            bits.append(
-                f"GATE {record['candidate']} vs {record['baseline']}: {record['decision']} "
-                f"(test {record['test'].get('candidate_accuracy')} vs {record['test'].get('baseline_accuracy')}, "
-                f"p={record['test'].get('p_value')}, n={record['test'].get('n')}/{record['required_items']} "
-                f"needed; holdout diff {record['holdout'].get('difference')})"
-            )
-        canary = found.get(f"{self.route}.canary") or []
-        if canary:
+        if canary := found.get(f"{r}.canary") or []:
             bits.append(f"canary: {', '.join(canary)}")
-        self.say("  loop pass: " + "; ".join(bits))
-        return found
+        return bits
 
     def run(self) -> dict:
         r = self.report
@@ -138,7 +143,7 @@ class DemoLoop:
                 self.tick()
 
             c.rule("4. train, gate, canary: the loop's passes while traffic flows")
-            promoted = self.canary_rounds("good candidate")
+            promoted = r["promoted"] = self.canary_rounds("good candidate")
             r["loop_seconds"] = round(time.perf_counter() - first_label, 1)
             good = self.adapter_of_last_job()
             r["gate"] = self.gate_record(good)

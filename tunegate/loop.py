@@ -106,7 +106,7 @@ class Loop:
         """Schedule a pass for every route that has none queued (due now with `force`), then run every due
         job this worker can claim: passes and trainings. Returns what each found."""
         self.schedule(force)
-        out: dict[str, Any] = {"train": []}
+        out: dict[str, Any] = {"train": [], "jobs": []}  # `jobs`: what each job found, in the order run
         while (claimed := self._claim()) is not None:
             claim, kind, payload = claimed
             try:
@@ -122,6 +122,7 @@ class Loop:
                 out.update(found)
             else:
                 out["train"].append({"job_id": claim.id, **found})
+            out["jobs"].append({"job_id": claim.id, "kind": kind, "route": payload["route"], **found})
         if self.metrics is not None:
             with self.sessions() as session:
                 self.metrics.update_from_db(session, self.settings.loop)
