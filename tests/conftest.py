@@ -1,5 +1,6 @@
-"""Shared fixtures: the embedded base model (built once, cached under var/models) and one vLLM
-server for the whole session (start-up takes about 25 s on the CPU)."""
+"""Shared fixtures: an empty database on each backend (`db_url`, `migrated_db_url`, `db_sessions`), the
+embedded base model (built once, cached under var/models) and one vLLM server for the whole session
+(start-up takes about 25 s on the CPU)."""
 
 from __future__ import annotations
 
@@ -70,6 +71,36 @@ def reset_postgres_schema(url: str) -> None:
     with engine.begin() as connection:
         connection.exec_driver_sql("DROP SCHEMA public CASCADE")
         connection.exec_driver_sql("CREATE SCHEMA public")
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database on each backend, not migrated: a SQLite file in a folder that does not exist
+    yet (`make_engine` must create it), or the run's PostgreSQL database with its schema emptied."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
+    url = request.getfixturevalue("postgres_database")
+    reset_postgres_schema(url)
+    return url
+
+
+@pytest.fixture
+def migrated_db_url(db_url: str) -> str:
+    """`db_url` migrated to head."""
+    from core.db import migrate
+
+    migrate.upgrade(db_url)
+    return db_url
+
+
+@pytest.fixture
+def db_sessions(migrated_db_url: str):
+    """A sessionmaker on `migrated_db_url`; its engine is disposed afterwards."""
+    from core.db import make_engine, session_factory
+
+    engine = make_engine(migrated_db_url)
+    yield session_factory(engine)
     engine.dispose()
 
 

@@ -33,15 +33,6 @@ HIGH_RISK = [0.6 + 0.03 * (i % 10) for i in range(10)]  # 0.60 .. 0.87
 LATENCY = [80.0 + 5 * (i % 10) for i in range(10)]  # 80 .. 125 ms
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'tunegate.db'}"
-    url = request.getfixturevalue("postgres_database")
-    reset_postgres_schema(url)
-    return url
-
-
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'tunegate.db'}"
@@ -52,11 +43,6 @@ def make_factory(url: str) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(url)
     yield session_factory(engine)
     engine.dispose()
-
-
-@pytest.fixture
-def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
-    yield from make_factory(db_url)
 
 
 @pytest.fixture
@@ -125,35 +111,35 @@ def advance(factory: sessionmaker[Session], rollout_id: int, settings: CanarySet
         return canary.advance(session, session.get(Rollout, rollout_id), settings, now=now)
 
 
-def test_steps_10_50_100_promote_and_retire_the_old_active(factory: sessionmaker[Session]) -> None:
+def test_steps_10_50_100_promote_and_retire_the_old_active(db_sessions: sessionmaker[Session]) -> None:
     settings = CanarySettings(steps=[0.1, 0.5, 1.0], step_requests=50)
-    rollout_id, v1, v2 = start(factory, settings)
-    with factory() as session:
+    rollout_id, v1, v2 = start(db_sessions, settings)
+    with db_sessions() as session:
         assert session.get(Adapter, v2).status == "canary"
         assert weights(session) == {v1: pytest.approx(0.9), v2: pytest.approx(0.1)}
         assert canary.canary_state(session.get(Rollout, rollout_id)) == pytest.approx(0.1)
         assert [r.id for r in canary.running_rollouts(session)] == [rollout_id]
 
-    traffic(factory, v2, 50, T0 + timedelta(seconds=1))
-    traffic(factory, v1, 450, T0 + timedelta(seconds=1))
-    assert advance(factory, rollout_id, settings, T0 + HOUR) == "next_step"
-    with factory() as session:
+    traffic(db_sessions, v2, 50, T0 + timedelta(seconds=1))
+    traffic(db_sessions, v1, 450, T0 + timedelta(seconds=1))
+    assert advance(db_sessions, rollout_id, settings, T0 + HOUR) == "next_step"
+    with db_sessions() as session:
         rollout = session.get(Rollout, rollout_id)
         assert (rollout.step, rollout.step_started_at, canary.canary_state(rollout)) == (1, T0 + HOUR, 0.5)
         assert weights(session) == {v1: 0.5, v2: 0.5}
 
-    traffic(factory, v2, 60, T0 + HOUR + timedelta(seconds=1))
-    traffic(factory, v1, 60, T0 + HOUR + timedelta(seconds=1))
-    assert advance(factory, rollout_id, settings, T0 + 2 * HOUR) == "next_step"
-    with factory() as session:
+    traffic(db_sessions, v2, 60, T0 + HOUR + timedelta(seconds=1))
+    traffic(db_sessions, v1, 60, T0 + HOUR + timedelta(seconds=1))
+    assert advance(db_sessions, rollout_id, settings, T0 + 2 * HOUR) == "next_step"
+    with db_sessions() as session:
         assert weights(session) == {v1: 0.0, v2: 1.0}
         window = canary.step_window(session, session.get(Rollout, rollout_id), until=T0 + 2 * HOUR)
         assert (window.canary.n, window.active.n) == (0, 510)  # the active arm: since the rollout began
 
     # At 100 % the active arm is the old version's traffic since the rollout began.
-    traffic(factory, v2, 50, T0 + 2 * HOUR + timedelta(seconds=1))
-    assert advance(factory, rollout_id, settings, T0 + 3 * HOUR) == "promoted"
-    with factory() as session:
+    traffic(db_sessions, v2, 50, T0 + 2 * HOUR + timedelta(seconds=1))
+    assert advance(db_sessions, rollout_id, settings, T0 + 3 * HOUR) == "promoted"
+    with db_sessions() as session:
         rollout = session.get(Rollout, rollout_id)
         assert (rollout.status, rollout.finished_at, canary.canary_state(rollout)) == ("promoted", T0 + 3 * HOUR, 1.0)
         assert [(h["step"], h["weight"], h["passed"]) for h in rollout.history] == [
@@ -173,7 +159,7 @@ def test_steps_10_50_100_promote_and_retire_the_old_active(factory: sessionmaker
         assert canary_row.detail["evidence"] == {"gate": 7}
         promoted = session.scalar(sa.select(AuditLog).where(AuditLog.action == "adapter.active"))
         assert promoted.detail["evidence"]["comparisons"]["risk"]["p_value"] > 0.01
-    assert advance(factory, rollout_id, settings, T0 + 4 * HOUR) == "wait"  # finished: nothing more
+    assert advance(db_sessions, rollout_id, settings, T0 + 4 * HOUR) == "wait"  # finished: nothing more
 
 
 def test_a_promotion_over_the_base_model_retires_the_base(sqlite_factory: sessionmaker[Session]) -> None:
@@ -191,13 +177,13 @@ def test_a_promotion_over_the_base_model_retires_the_base(sqlite_factory: sessio
         assert session.get(Adapter, v2).status == "active"
 
 
-def test_a_riskier_canary_rolls_back_by_itself(factory: sessionmaker[Session]) -> None:
+def test_a_riskier_canary_rolls_back_by_itself(db_sessions: sessionmaker[Session]) -> None:
     settings = CanarySettings(step_requests=50)
-    rollout_id, v1, v2 = start(factory, settings)
-    traffic(factory, v2, 50, T0 + timedelta(seconds=1), risks=HIGH_RISK)
-    traffic(factory, v1, 450, T0 + timedelta(seconds=1))
-    assert advance(factory, rollout_id, settings, T0 + HOUR) == "rolled_back"
-    with factory() as session:
+    rollout_id, v1, v2 = start(db_sessions, settings)
+    traffic(db_sessions, v2, 50, T0 + timedelta(seconds=1), risks=HIGH_RISK)
+    traffic(db_sessions, v1, 450, T0 + timedelta(seconds=1))
+    assert advance(db_sessions, rollout_id, settings, T0 + HOUR) == "rolled_back"
+    with db_sessions() as session:
         rollout = session.get(Rollout, rollout_id)
         assert (rollout.status, rollout.failures, canary.canary_state(rollout)) == ("rolled_back", 1, -1.0)
         assert session.get(Adapter, v2).status == "rolled_back"
@@ -250,42 +236,42 @@ def test_a_step_waits_for_enough_canary_requests(sqlite_factory: sessionmaker[Se
     assert advance(sqlite_factory, rollout_id, settings, T0 + timedelta(seconds=700)) == "next_step"  # timed
 
 
-def test_two_failures_allowed_gives_a_failed_step_then_a_rollback(factory: sessionmaker[Session]) -> None:
+def test_two_failures_allowed_gives_a_failed_step_then_a_rollback(db_sessions: sessionmaker[Session]) -> None:
     settings = CanarySettings(step_requests=50, max_failures=2)
-    rollout_id, v1, v2 = start(factory, settings)
-    traffic(factory, v2, 50, T0 + timedelta(seconds=1), risks=HIGH_RISK)
-    traffic(factory, v1, 200, T0 + timedelta(seconds=1))
-    assert advance(factory, rollout_id, settings, T0 + HOUR) == "failed_step"
-    with factory() as session:
+    rollout_id, v1, v2 = start(db_sessions, settings)
+    traffic(db_sessions, v2, 50, T0 + timedelta(seconds=1), risks=HIGH_RISK)
+    traffic(db_sessions, v1, 200, T0 + timedelta(seconds=1))
+    assert advance(db_sessions, rollout_id, settings, T0 + HOUR) == "failed_step"
+    with db_sessions() as session:
         rollout = session.get(Rollout, rollout_id)
         assert (rollout.status, rollout.step, rollout.failures, rollout.step_started_at) == ("running", 0, 1, T0 + HOUR)
         assert session.get(Adapter, v2).status == "canary"
         assert weights(session) == {v1: pytest.approx(0.9), v2: pytest.approx(0.1)}
         assert actions(session)[-1] == "rollout.failed_step"
     # The step restarts with a fresh window: the failed traffic is not judged again.
-    assert advance(factory, rollout_id, settings, T0 + HOUR + timedelta(seconds=1)) == "wait"
-    traffic(factory, v2, 50, T0 + HOUR + timedelta(seconds=1), risks=HIGH_RISK)
-    traffic(factory, v1, 200, T0 + HOUR + timedelta(seconds=1))
-    assert advance(factory, rollout_id, settings, T0 + 2 * HOUR) == "rolled_back"
-    with factory() as session:
+    assert advance(db_sessions, rollout_id, settings, T0 + HOUR + timedelta(seconds=1)) == "wait"
+    traffic(db_sessions, v2, 50, T0 + HOUR + timedelta(seconds=1), risks=HIGH_RISK)
+    traffic(db_sessions, v1, 200, T0 + HOUR + timedelta(seconds=1))
+    assert advance(db_sessions, rollout_id, settings, T0 + 2 * HOUR) == "rolled_back"
+    with db_sessions() as session:
         rollout = session.get(Rollout, rollout_id)
         assert (rollout.status, rollout.failures, len(rollout.history)) == ("rolled_back", 2, 2)
         assert weights(session) == {v1: 1.0}
 
 
-def test_reviewer_overrides_are_counted_per_arm_and_fail_a_step(factory: sessionmaker[Session]) -> None:
+def test_reviewer_overrides_are_counted_per_arm_and_fail_a_step(db_sessions: sessionmaker[Session]) -> None:
     settings = CanarySettings(step_requests=60)
-    rollout_id, v1, v2 = start(factory, settings)
+    rollout_id, v1, v2 = start(db_sessions, settings)
     at = T0 + timedelta(seconds=1)
     # Canary: 60 let through, 40 of them reviewed, 20 of those rejected or edited.
-    traffic(factory, v2, 60, at, verdicts=("reject", "approve", None, "edit", "approve", None))
+    traffic(db_sessions, v2, 60, at, verdicts=("reject", "approve", None, "edit", "approve", None))
     # Held answers a reviewer rejects are not overrides: the guard already stopped them.
-    traffic(factory, v2, 10, at, decision="hold", verdicts=("reject",))
-    traffic(factory, v1, 300, at, verdicts=("approve", None))
-    request_id = traffic(factory, v2, 1, at)[0]
-    with session_scope(factory) as session:  # an undecided review item counts for nothing
+    traffic(db_sessions, v2, 10, at, decision="hold", verdicts=("reject",))
+    traffic(db_sessions, v1, 300, at, verdicts=("approve", None))
+    request_id = traffic(db_sessions, v2, 1, at)[0]
+    with session_scope(db_sessions) as session:  # an undecided review item counts for nothing
         session.add(ReviewItem(request_id=request_id, reason="sampled", status="pending"))
-    with factory() as session:
+    with db_sessions() as session:
         window = canary.step_window(session, session.get(Rollout, rollout_id), until=T0 + HOUR)
         assert (window.canary.n, window.canary.reviewed, window.canary.overridden) == (71, 40, 20)
         assert (window.active.n, window.active.reviewed, window.active.overridden) == (300, 150, 0)
@@ -294,29 +280,29 @@ def test_reviewer_overrides_are_counted_per_arm_and_fail_a_step(factory: session
         assert judgement.passed is False
         assert any(r.startswith("override rate") for r in judgement.reasons)
         assert judgement.comparisons["override_rate"]["canary_rate"] == 0.5
-    assert advance(factory, rollout_id, settings, T0 + HOUR) == "rolled_back"
+    assert advance(db_sessions, rollout_id, settings, T0 + HOUR) == "rolled_back"
 
 
-def test_start_refuses_a_candidate_that_is_not_gated_and_a_second_rollout(factory: sessionmaker[Session]) -> None:
+def test_start_refuses_a_candidate_that_is_not_gated_and_a_second_rollout(db_sessions: sessionmaker[Session]) -> None:
     settings = CanarySettings()
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         v3 = Adapter(name=ROUTE, version=3, base_model_hash="h", status="candidate")
         session.add(v3)
-    seed(factory)
-    with session_scope(factory) as session:
+    seed(db_sessions)
+    with session_scope(db_sessions) as session:
         v3 = session.scalar(sa.select(Adapter).where(Adapter.version == 3))
         with pytest.raises(LifecycleError, match="only a gated version"):
             canary.start_rollout(session, ROUTE, v3, settings)
         v3.status = "gated"
         v2 = session.scalar(sa.select(Adapter).where(Adapter.version == 2))
         canary.start_rollout(session, ROUTE, v2, settings)
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         v3 = session.scalar(sa.select(Adapter).where(Adapter.version == 3))
         with pytest.raises(LifecycleError, match="already has a running rollout"):
             canary.start_rollout(session, ROUTE, v3, settings)
         with pytest.raises(LifecycleError, match="not in the database"):
             canary.start_rollout(session, "nowhere", v3, settings)
-    with factory() as session:
+    with db_sessions() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(Rollout)) == 1
         assert session.scalar(sa.select(Adapter.status).where(Adapter.version == 3)) == "gated"
 

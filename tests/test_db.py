@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -42,32 +41,10 @@ from core.db.models import (
     Rollout,
     utcnow,
 )
-from core.db.session import make_engine, session_factory, session_scope
-
-from .conftest import reset_postgres_schema
+from core.db.session import make_engine, session_scope
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL_TABLES = set(Base.metadata.tables)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database on each backend."""
-    if request.param == "sqlite":
-        # A folder that does not exist yet: make_engine must create it.
-        return f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
-    url = request.getfixturevalue("postgres_database")
-    reset_postgres_schema(url)
-    return url
-
-
-@pytest.fixture
-def factory(db_url: str) -> Iterator[sessionmaker[Session]]:
-    """Sessions on a database migrated to head."""
-    migrate.upgrade(db_url)
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def table_names(url: str) -> set[str]:
@@ -137,9 +114,9 @@ def test_alembic_command_line_works_from_any_directory(tmp_path: Path) -> None:
 # --- the schema ---------------------------------------------------------------------------------
 
 
-def test_a_row_in_every_table_round_trips(factory: sessionmaker[Session]) -> None:
+def test_a_row_in_every_table_round_trips(db_sessions: sessionmaker[Session]) -> None:
     stored: dict[tuple[type[Base], object], dict[str, object]] = {}
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         key = ApiKey(name="app", key_prefix="tg_abc", key_hash="h" * 64, role="admin", tokens_per_minute=9)
         parent = Adapter(name="support", version=1, base_model_hash="b", status="active", metrics={"a": 1})
         session.add_all([key, parent])
@@ -218,7 +195,7 @@ def test_a_row_in_every_table_round_trips(factory: sessionmaker[Session]) -> Non
             stored[type(obj), sa.inspect(obj).identity[0]] = column_values(obj)
 
     assert {model.__table__.name for model, _ in stored} == MODEL_TABLES
-    with factory() as session:
+    with db_sessions() as session:
         for (model, row_id), values in stored.items():
             row = session.get(model, row_id)
             assert row is not None
@@ -229,12 +206,12 @@ def test_a_row_in_every_table_round_trips(factory: sessionmaker[Session]) -> Non
         assert [t.weight for t in session.get(Alias, alias.id).targets] == [0.05]
 
 
-def test_datetimes_come_back_as_utc_and_naive_ones_are_refused(factory: sessionmaker[Session]) -> None:
+def test_datetimes_come_back_as_utc_and_naive_ones_are_refused(db_sessions: sessionmaker[Session]) -> None:
     two_hours_east = datetime(2030, 1, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         key = ApiKey(name="k", key_prefix="p", key_hash="h", revoked_at=two_hours_east)
         session.add(key)
-    with factory() as session:
+    with db_sessions() as session:
         revoked_at = session.get(ApiKey, key.id).revoked_at
         assert revoked_at == datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
         assert revoked_at.tzinfo is UTC
@@ -254,37 +231,37 @@ def test_datetimes_come_back_as_utc_and_naive_ones_are_refused(factory: sessionm
     ],
     ids=["api_key_role", "adapter_status", "dataset_kind", "job_status", "job_max_attempts"],
 )
-def test_check_constraints_reject_bad_values(factory: sessionmaker[Session], bad_row) -> None:
-    with factory() as session:
+def test_check_constraints_reject_bad_values(db_sessions: sessionmaker[Session], bad_row) -> None:
+    with db_sessions() as session:
         session.add(bad_row())
         with pytest.raises(sa.exc.IntegrityError, match=r"(?i)check"):
             session.flush()
 
 
 def test_foreign_keys_are_enforced_and_alias_targets_go_with_their_alias(
-    factory: sessionmaker[Session],
+    db_sessions: sessionmaker[Session],
 ) -> None:
-    with factory() as session:
+    with db_sessions() as session:
         session.add(AliasTarget(alias_id=12345, weight=1.0))
         with pytest.raises(sa.exc.IntegrityError):
             session.flush()
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         alias = Alias(name="support")
         session.add(alias)
         session.flush()
         session.add_all([AliasTarget(alias_id=alias.id), AliasTarget(alias_id=alias.id, weight=0.0)])
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         # A bulk DELETE bypasses the ORM's cascade: only the database's ON DELETE CASCADE removes them.
         session.execute(sa.delete(Alias))
-    with factory() as session:
+    with db_sessions() as session:
         assert session.scalar(sa.select(sa.func.count()).select_from(AliasTarget)) == 0
 
 
 # --- the jobs queue -----------------------------------------------------------------------------
 
 
-def test_claim_takes_due_jobs_of_the_asked_kinds_most_urgent_first(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+def test_claim_takes_due_jobs_of_the_asked_kinds_most_urgent_first(db_sessions: sessionmaker[Session]) -> None:
+    with session_scope(db_sessions) as session:
         routine = jobs.enqueue(session, "train", {"n": 1})
         urgent = jobs.enqueue(session, "train", {"n": 2}, priority=5)
         jobs.enqueue(session, "eval", {"n": 3})
@@ -292,7 +269,7 @@ def test_claim_takes_due_jobs_of_the_asked_kinds_most_urgent_first(factory: sess
 
     claimed = []
     for _ in range(3):
-        with session_scope(factory) as session:
+        with session_scope(db_sessions) as session:
             claimed.append(jobs.claim(session, "worker-1", kinds=["train"]))
     assert [job.id if job else None for job in claimed] == [urgent.id, routine.id, None]
     first = claimed[0]
@@ -300,21 +277,21 @@ def test_claim_takes_due_jobs_of_the_asked_kinds_most_urgent_first(factory: sess
     assert first.payload == {"n": 2}
     assert first.lease_expires_at > utcnow() + timedelta(seconds=290)
 
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         done = jobs.complete(session, first, {"adapter": "support/2"})
     assert (done.status, done.result, done.lease_expires_at) == ("succeeded", {"adapter": "support/2"}, None)
     assert done.finished_at is not None
-    with session_scope(factory) as session, pytest.raises(jobs.LeaseLost):
+    with session_scope(db_sessions) as session, pytest.raises(jobs.LeaseLost):
         jobs.complete(session, first, {})
 
 
-def test_fail_requeues_until_the_last_attempt(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+def test_fail_requeues_until_the_last_attempt(db_sessions: sessionmaker[Session]) -> None:
+    with session_scope(db_sessions) as session:
         job = jobs.enqueue(session, "eval", {}, max_attempts=2)
 
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         first_try = jobs.claim(session, "worker-1")
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         requeued = jobs.fail(session, first_try, "vLLM not ready", retry_after_s=3600)
     assert (requeued.status, requeued.attempts, requeued.error, requeued.claimed_by) == (
         "queued",
@@ -322,18 +299,18 @@ def test_fail_requeues_until_the_last_attempt(factory: sessionmaker[Session]) ->
         "vLLM not ready",
         None,
     )
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         assert jobs.claim(session, "worker-1") is None  # not before retry_after_s
         session.execute(sa.update(Job).values(run_after=utcnow()))
 
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         second_try = jobs.claim(session, "worker-2")
     assert (second_try.id, second_try.attempts) == (job.id, 2)
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         failed = jobs.fail(session, second_try, "out of memory")
     assert (failed.status, failed.error) == ("failed", "out of memory")
     assert failed.finished_at is not None
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         assert jobs.claim(session, "worker-1") is None
 
 
@@ -343,44 +320,44 @@ def expire_leases(factory: sessionmaker[Session]) -> None:
         session.execute(sa.update(Job).values(lease_expires_at=utcnow() - timedelta(minutes=1)))
 
 
-def test_an_expired_lease_is_claimed_again_and_the_old_owner_loses_it(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+def test_an_expired_lease_is_claimed_again_and_the_old_owner_loses_it(db_sessions: sessionmaker[Session]) -> None:
+    with session_scope(db_sessions) as session:
         jobs.enqueue(session, "train", {})
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         stale = jobs.claim(session, "worker-1", lease_s=60)
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         assert jobs.claim(session, "worker-2") is None  # the lease still holds
-    expire_leases(factory)
+    expire_leases(db_sessions)
 
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         taken_over = jobs.claim(session, "worker-2", lease_s=60)
     assert (taken_over.id, taken_over.claimed_by, taken_over.attempts) == (stale.id, "worker-2", 2)
     for late_call in (jobs.heartbeat, jobs.complete):
-        with session_scope(factory) as session, pytest.raises(jobs.LeaseLost):
+        with session_scope(db_sessions) as session, pytest.raises(jobs.LeaseLost):
             late_call(session, stale)
 
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         extended = jobs.heartbeat(session, taken_over, lease_s=600)
     assert extended.lease_expires_at > utcnow() + timedelta(seconds=590)
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         assert jobs.complete(session, extended, {}).status == "succeeded"
 
 
-def test_an_expired_lease_on_the_last_attempt_fails_the_job(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+def test_an_expired_lease_on_the_last_attempt_fails_the_job(db_sessions: sessionmaker[Session]) -> None:
+    with session_scope(db_sessions) as session:
         job = jobs.enqueue(session, "train", {}, max_attempts=1)
-    with session_scope(factory) as session:
+    with session_scope(db_sessions) as session:
         jobs.claim(session, "worker-1")
-    expire_leases(factory)
-    with session_scope(factory) as session:
+    expire_leases(db_sessions)
+    with session_scope(db_sessions) as session:
         assert jobs.claim(session, "worker-2") is None
-    with factory() as session:
+    with db_sessions() as session:
         abandoned = session.get(Job, job.id)
         assert abandoned.status == "failed" and "lease expired" in abandoned.error
 
 
-def test_concurrent_workers_never_claim_the_same_job(factory: sessionmaker[Session]) -> None:
-    with session_scope(factory) as session:
+def test_concurrent_workers_never_claim_the_same_job(db_sessions: sessionmaker[Session]) -> None:
+    with session_scope(db_sessions) as session:
         for n in range(20):
             jobs.enqueue(session, "eval", {"n": n})
     claimed_by_worker: dict[str, list[int]] = {"worker-1": [], "worker-2": []}
@@ -391,7 +368,7 @@ def test_concurrent_workers_never_claim_the_same_job(factory: sessionmaker[Sessi
         try:
             start_together.wait()
             while True:
-                with session_scope(factory) as session:
+                with session_scope(db_sessions) as session:
                     job = jobs.claim(session, worker)
                     if job is None:
                         return
@@ -411,6 +388,6 @@ def test_concurrent_workers_never_claim_the_same_job(factory: sessionmaker[Sessi
     all_claims = claimed_by_worker["worker-1"] + claimed_by_worker["worker-2"]
     assert len(all_claims) == 20
     assert len(set(all_claims)) == 20
-    with factory() as session:
+    with db_sessions() as session:
         rows = session.scalars(sa.select(Job)).all()
         assert {(job.status, job.attempts) for job in rows} == {("running", 1)}

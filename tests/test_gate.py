@@ -5,7 +5,6 @@ vLLM (the real vLLM path is tested elsewhere), so every decision below is known 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -20,17 +19,18 @@ from core.db import (
     EvalMetric,
     EvalRun,
     Example,
-    Request,
     make_engine,
     session_factory,
     session_scope,
     upgrade,
 )
-from core.io import last_user_text, normalise_answer, sha256_text
+from core.io import last_user_text, normalise_answer
 from core.labels import REVIEWED_DATASET
 from core.loop_settings import GateSettings, LoopSettings
-from core.vocab import AdapterStatus, DatasetKind, EvalKind, EvalStatus, ExampleSource
+from core.vocab import AdapterStatus, DatasetKind, EvalKind, EvalStatus
 from evalsuite import gate, stats, testsets
+
+from .helpers import add_reviewed, question
 
 ROUTE = "support"
 HOLDOUT = 20
@@ -46,31 +46,6 @@ def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
     engine = make_engine(url)
     yield session_factory(engine)
     engine.dispose()
-
-
-def add_reviewed(session: Session, question: str, answer: str, route: str = ROUTE) -> None:
-    dataset = session.scalar(sa.select(Dataset).where(Dataset.name == REVIEWED_DATASET))
-    if dataset is None:
-        dataset = Dataset(name=REVIEWED_DATASET, version=1, kind=DatasetKind.TRAIN)
-        session.add(dataset)
-        session.flush()
-    conversation = [{"role": "user", "content": question}]
-    request = Request(
-        route=route, endpoint="/v1/chat/completions", prompt_text=question,
-        request_json={"model": route, "messages": conversation}, answer_text=answer, decision="hold", risk=0.8,
-    )  # fmt: skip
-    session.add(request)
-    session.flush()
-    messages = [*conversation, {"role": "assistant", "content": answer}]
-    session.add(Example(
-        dataset_id=dataset.id, messages=messages, source=ExampleSource.REVIEW, source_request_id=request.id,
-        content_hash=sha256_text(json.dumps(messages, sort_keys=True, ensure_ascii=False)),
-    ))  # fmt: skip
-    session.flush()
-
-
-def question(i: int) -> str:
-    return f"What is the unit rate of tariff T{i:04d}?"
 
 
 def gold(i: int) -> str:

@@ -16,12 +16,10 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from core.db import Job, session_scope, upgrade, utcnow
+from core.db import Job, session_scope, utcnow
 from core.settings import Settings, load_settings
 from core.vocab import JobStatus
 from tunegate.loop import PASS_JOB, Loop, _next_pass
-
-from .conftest import reset_postgres_schema
 
 ROUTES = ("billing", "support")
 INTERVAL_S = 30
@@ -29,25 +27,14 @@ NOWHERE = "http://127.0.0.1:9"
 STEPS = ("assign", "drift", "prioritise", "agreement", "trigger", "gate", "canary")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        reset_postgres_schema(url)
-    upgrade(url)
-    return url
-
-
 @pytest.fixture
-def settings(db_url: str, tmp_path: Path) -> Settings:
+def settings(migrated_db_url: str, tmp_path: Path) -> Settings:
     empty = tmp_path / "tunegate.yaml"  # no ./tunegate.yaml or $TUNEGATE_CONFIG of the machine's
     empty.write_text("{}\n")
     return load_settings(
         empty,
         var_dir=tmp_path / "var",
-        database={"url": db_url},
+        database={"url": migrated_db_url},
         routes={route: {"targets": [{"adapter": None}]} for route in ROUTES},
         loop={"interval_s": INTERVAL_S},
     )
@@ -106,7 +93,7 @@ def test_a_tick_seeds_the_routes_runs_one_pass_each_and_files_the_next(loops: li
 
     # Nothing is due yet: a second tick right away runs nothing and files nothing.
     again = loop.tick()
-    assert again == {"train": []}
+    assert again == {"train": [], "jobs": []}
     assert counts(loop, JobStatus.SUCCEEDED) == {"billing": 1, "support": 1}
     assert counts(loop, JobStatus.QUEUED) == {"billing": 1, "support": 1}
     assert len(pass_jobs(loop)) == 4
@@ -119,11 +106,11 @@ def test_a_tick_seeds_the_routes_runs_one_pass_each_and_files_the_next(loops: li
     assert len(pass_jobs(loop)) == 6  # the forced ones were the queued ones; one new queued per route
 
 
-def test_two_workers_run_each_pass_once(loops: list[Loop], db_url: str) -> None:
+def test_two_workers_run_each_pass_once(loops: list[Loop], migrated_db_url: str) -> None:
     results: list[dict] = []
 
     def one_round() -> None:
-        if db_url.startswith("postgresql"):
+        if migrated_db_url.startswith("postgresql"):
             # Both workers tick(force=True) at the same moment.
             barrier, errors = threading.Barrier(2), []
 

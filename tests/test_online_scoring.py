@@ -5,15 +5,13 @@ verdicts decided later, and the per-window summaries."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import Adapter, OnlineScore, Request, ReviewItem, make_engine, migrate, session_factory
+from core.db import Adapter, OnlineScore, Request, ReviewItem
 from core.loop_settings import LoopSettings
 from evalsuite.scoring import (
     current_quality,
@@ -25,24 +23,9 @@ from evalsuite.scoring import (
     window_start,
 )
 
-from .conftest import reset_postgres_schema
-
 ROUTE = "support"
 NOW = datetime(2025, 3, 4, 12, 0, 0, tzinfo=UTC)
 GOLD = {"what is the standing charge of t417?": "12.40 EUR per month."}
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/t.db"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        reset_postgres_schema(url)
-    migrate.upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def add_request(session: Session, i: int, **kw) -> Request:
@@ -78,9 +61,9 @@ def test_the_sample_is_stable_and_near_the_rate() -> None:
     assert window_start(datetime(2025, 3, 4, 12, 7, 31, tzinfo=UTC), 300) == datetime(2025, 3, 4, 12, 5, tzinfo=UTC)
 
 
-def test_each_exchange_is_scored_with_everything_known_about_it(factory: sessionmaker[Session]) -> None:
+def test_each_exchange_is_scored_with_everything_known_about_it(db_sessions: sessionmaker[Session]) -> None:
     settings = LoopSettings(score_sample_rate=1.0, window_s=300)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         s.add(Adapter(id=7, name="support", version=2, base_model_hash="h"))
         s.flush()
         add_request(s, 1, question="What is the standing charge of T417?", answer="12.40 eur per month")  # gold right
@@ -94,11 +77,11 @@ def test_each_exchange_is_scored_with_everything_known_about_it(factory: session
         add_request(s, 7, endpoint="embeddings")  # not an exchange we score
         add_request(s, 8, created_at=NOW - timedelta(days=3))  # older than the lookback
     judge = lambda q, a: 0.9 if a == "I think so." else 0.2  # noqa: E731
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         batch = score_new_traffic(s, settings, GOLD, judge=judge, now=NOW)
     assert batch.to_dict() == {"examined": 6, "sampled": 6, "inserted": 6, "duplicates": 0, "with_gold": 2,
                                "reviewed": 2, "judged": 5, "judge_errors": 0}  # fmt: skip
-    with factory() as s:
+    with db_sessions() as s:
         scores = {int(x.request_id, 16): x for x in s.scalars(sa.select(OnlineScore))}
     assert set(scores) == {1, 2, 3, 4, 5, 6}
     assert (scores[1].gold_correct, scores[1].correct, scores[1].adapter_version) == (True, True, "base")
@@ -126,39 +109,39 @@ def test_each_exchange_is_scored_with_everything_known_about_it(factory: session
     assert all(not scores[i].error for i in (1, 2, 3, 4, 6))
     assert scores[1].window_start == window_start(NOW - timedelta(seconds=599), 300)
     assert scores[4].risk == 0.3 and scores[4].latency_ms == 104.0
-    with factory.begin() as s:  # a re-run finds nothing new
+    with db_sessions.begin() as s:  # a re-run finds nothing new
         again = score_new_traffic(s, settings, GOLD, judge=judge, now=NOW)
     assert (again.examined, again.inserted) == (0, 0)
 
 
-def test_only_the_stable_sample_is_scored_and_never_twice(factory: sessionmaker[Session]) -> None:
+def test_only_the_stable_sample_is_scored_and_never_twice(db_sessions: sessionmaker[Session]) -> None:
     settings = LoopSettings(score_sample_rate=0.3)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         ids = [add_request(s, i, created_at=NOW - timedelta(seconds=i)).id for i in range(200)]
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         first = score_new_traffic(s, settings, {}, now=NOW, limit=20)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         rest = score_new_traffic(s, settings, {}, now=NOW)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         third = score_new_traffic(s, settings, {}, now=NOW)
     expected = {i for i in ids if sampled(i, 0.3)}
-    with factory() as s:
+    with db_sessions() as s:
         scored = list(s.scalars(sa.select(OnlineScore.request_id)))
     assert sorted(scored) == sorted(expected) and len(scored) == len(set(scored))
     assert first.inserted == 20 and first.inserted + rest.inserted == len(expected) and third.inserted == 0
     assert 30 < len(expected) < 90
 
 
-def test_duplicates_are_skipped_and_racing_workers_score_each_exchange_once(factory: sessionmaker[Session]) -> None:
+def test_duplicates_are_skipped_and_racing_workers_score_each_exchange_once(db_sessions: sessionmaker[Session]) -> None:
     settings = LoopSettings(score_sample_rate=1.0)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         for i in range(60):
             add_request(s, i)
     row = {"request_id": f"{0:032x}", "route": ROUTE, "adapter_id": None, "adapter_version": "base",
            "window_start": NOW, "risk": 0.1, "flagged": False, "error": False}  # fmt: skip
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         assert insert_scores(s, [row]) == 1
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         assert insert_scores(s, [row, {**row, "request_id": f"{1:032x}"}]) == 1
     results, errors = [], []
     barrier = threading.Barrier(2)
@@ -166,7 +149,7 @@ def test_duplicates_are_skipped_and_racing_workers_score_each_exchange_once(fact
     def worker() -> None:
         try:
             barrier.wait()
-            with factory.begin() as s:
+            with db_sessions.begin() as s:
                 results.append(score_new_traffic(s, settings, {}, now=NOW))
         except Exception as err:  # noqa: BLE001
             errors.append(err)
@@ -177,27 +160,27 @@ def test_duplicates_are_skipped_and_racing_workers_score_each_exchange_once(fact
     for t in threads:
         t.join(60)
     assert not errors
-    with factory() as s:
+    with db_sessions() as s:
         assert s.scalar(sa.select(sa.func.count()).select_from(OnlineScore)) == 60
     assert sum(r.inserted for r in results) == 58
 
 
-def test_a_verdict_decided_later_reaches_the_score(factory: sessionmaker[Session]) -> None:
+def test_a_verdict_decided_later_reaches_the_score(db_sessions: sessionmaker[Session]) -> None:
     settings = LoopSettings(score_sample_rate=1.0)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         add_request(s, 1, risk=0.4)  # let through
         add_request(s, 2, decision="hold", risk=0.9)
         add_request(s, 3, question="What is the standing charge of T417?", answer="12.40 EUR per month")
         for i in (1, 2, 3):
             s.add(ReviewItem(request_id=f"{i:032x}", reason="sampled", status="pending"))
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         score_new_traffic(s, settings, GOLD, now=NOW)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         for item in s.scalars(sa.select(ReviewItem)):
             item.status, item.final_verdict, item.decided_at = "decided", "edit", NOW
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         assert refresh_verdicts(s) == 3
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         assert refresh_verdicts(s) == 0
         scores = {int(x.request_id, 16): x for x in s.scalars(sa.select(OnlineScore))}
     assert (scores[1].verdict, scores[1].overridden, scores[1].correct) == ("edit", True, False)
@@ -205,7 +188,7 @@ def test_a_verdict_decided_later_reaches_the_score(factory: sessionmaker[Session
     assert (scores[3].verdict, scores[3].gold_correct, scores[3].correct) == ("edit", True, True)  # gold wins
 
 
-def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> None:
+def test_window_quality_and_current_quality(db_sessions: sessionmaker[Session]) -> None:
     w0 = datetime(2025, 3, 4, 11, 0, tzinfo=UTC)
     w1 = w0 + timedelta(seconds=300)
 
@@ -214,7 +197,7 @@ def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> N
         return OnlineScore(request_id=f"{i:032x}", route=ROUTE, adapter_version=version, window_start=window,
                            **{**base, **kw})  # fmt: skip
 
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         for i in range(1, 21):
             add_request(s, i)
         s.flush()
@@ -224,7 +207,7 @@ def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> N
             score(5, w1, correct=True), score(6, w1, correct=True, risk=0.6),
             score(7, w1, "support/v2", correct=False, flagged=True),
         ])  # fmt: skip
-    with factory() as s:
+    with db_sessions() as s:
         rows = window_quality(s, ROUTE)
         later = window_quality(s, since=w1)
         other = window_quality(s, "billing")
@@ -241,7 +224,7 @@ def test_window_quality_and_current_quality(factory: sessionmaker[Session]) -> N
     assert summary.mean_risk == 0.4 and summary.to_dict()["window_start"] == w0.isoformat()
 
 
-def test_loop_metrics_export_the_latest_window_and_what_the_worker_sets(factory: sessionmaker[Session]) -> None:
+def test_loop_metrics_export_the_latest_window_and_what_the_worker_sets(db_sessions: sessionmaker[Session]) -> None:
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -250,7 +233,7 @@ def test_loop_metrics_export_the_latest_window_and_what_the_worker_sets(factory:
     settings = LoopSettings(window_s=300)
     now = datetime(2025, 3, 4, 12, 0, tzinfo=UTC)
     old, new = now - timedelta(minutes=20), now - timedelta(minutes=5)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         for i in range(1, 9):
             add_request(s, i)
         s.flush()
@@ -267,7 +250,7 @@ def test_loop_metrics_export_the_latest_window_and_what_the_worker_sets(factory:
             s.add(OnlineScore(request_id=f"{i:032x}", route=ROUTE, adapter_version=version, window_start=window,
                               **{"flagged": False, "error": False, **kw}))  # fmt: skip
     metrics = LoopMetrics()
-    with factory() as s:
+    with db_sessions() as s:
         used = metrics.update_from_db(s, settings, now=now)
     assert sorted(r.adapter_version for r in used) == ["base", "support/v2"]
     metrics.set_drift(ROUTE, 0.81, True, 0.12)

@@ -18,8 +18,6 @@ from core.db import AuditLog, Request, ReviewItem, make_engine, migrate, session
 from core.loop_settings import LoopSettings
 from evalsuite.prioritise import W_NEAR, W_NOVELTY, fill_review_queue, near_threshold_score, score_candidates
 
-from .conftest import reset_postgres_schema
-
 ROUTE = "support"
 NOW = datetime(2025, 3, 4, 12, 0, tzinfo=UTC)
 HOLD_AT = 0.6
@@ -40,26 +38,14 @@ def fake_embed(texts: list[str]) -> np.ndarray:
     return out
 
 
-def _factory(url: str) -> Iterator[sessionmaker[Session]]:
+@pytest.fixture
+def sqlite_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
+    """SQLite only: the test with the real MiniLM embedder runs once, not once per backend."""
+    url = f"sqlite:///{tmp_path}/t.db"
     migrate.upgrade(url)
     engine = make_engine(url)
     yield session_factory(engine)
     engine.dispose()
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        yield from _factory(f"sqlite:///{tmp_path}/t.db")
-        return
-    url = request.getfixturevalue("postgres_database")
-    reset_postgres_schema(url)
-    yield from _factory(url)
-
-
-@pytest.fixture
-def sqlite_factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    yield from _factory(f"sqlite:///{tmp_path}/t.db")
 
 
 def add(session: Session, name: str, question: str, risk: float = 0.05, decision: str = "allow", **kw) -> str:
@@ -85,9 +71,9 @@ def test_near_threshold_component() -> None:
     assert near_threshold_score(None, 0.6, 0.15) == 0.0
 
 
-def test_near_threshold_and_novel_inputs_are_chosen_over_low_risk_familiar_ones(factory) -> None:
+def test_near_threshold_and_novel_inputs_are_chosen_over_low_risk_familiar_ones(db_sessions) -> None:
     settings = LoopSettings(review_budget_per_day=2, near_threshold=0.15)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         near = add(s, "near", TRAINING[0], risk=0.55)
         novel = add(s, "novel", "Does the heat pump bonus cover solar batteries?")
         familiar = [add(s, f"familiar{i}", q, risk=0.1) for i, q in enumerate(TRAINING)]
@@ -97,7 +83,7 @@ def test_near_threshold_and_novel_inputs_are_chosen_over_low_risk_familiar_ones(
         s.add(ReviewItem(request_id=sampled, reason="sampled", status="pending"))
         add(s, "old", "Why is the winter bonus paid twice in Southvale?", risk=0.58, created_at=NOW - timedelta(days=2))
         add(s, "billing", "Why is the winter bonus paid twice in Eastvale?", risk=0.58, route="billing")
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         result = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, now=NOW)
     assert [c.request_id for c in result.chosen] == [near, novel]
     first, second = result.chosen
@@ -107,7 +93,7 @@ def test_near_threshold_and_novel_inputs_are_chosen_over_low_risk_familiar_ones(
     assert second.priority == pytest.approx(W_NOVELTY * second.novelty, abs=1e-6)
     summary = result.to_dict()
     assert (summary["candidates"], summary["queued"], summary["budget_left"], summary["used_before"]) == (6, 2, 0, 0)
-    with factory() as s:
+    with db_sessions() as s:
         items = queued(s)
         assert items[near] == ["priority"] and items[novel] == ["priority"] and items[sampled] == ["sampled"]
         assert not set(items) & {held, *familiar}
@@ -121,43 +107,43 @@ def test_near_threshold_and_novel_inputs_are_chosen_over_low_risk_familiar_ones(
         assert (item.status, item.required_verdicts, item.reason) == ("pending", 1, "priority")
 
 
-def test_the_budget_holds_across_calls_of_a_day_and_nothing_is_queued_twice(factory) -> None:
+def test_the_budget_holds_across_calls_of_a_day_and_nothing_is_queued_twice(db_sessions) -> None:
     settings = LoopSettings(review_budget_per_day=3)
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         for i in range(2):
             add(s, f"a{i}", f"Is the solar feed in rate {i} paid monthly?", risk=0.5)
         for i in range(4):
             add(s, f"familiar{i}", TRAINING[i])
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         first = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, now=NOW)
-    with factory.begin() as s:  # nothing new worth a look: the familiar ones stay out, the queued ones too
+    with db_sessions.begin() as s:  # nothing new worth a look: the familiar ones stay out, the queued ones too
         idle = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, now=NOW + timedelta(minutes=1))
         for i in range(3):
             add(s, f"b{i}", f"Is the battery storage grant {i} taxable?", risk=0.52,
                 created_at=NOW + timedelta(minutes=2))  # fmt: skip
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         second = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, now=NOW + timedelta(minutes=3))
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         spent = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, now=NOW + timedelta(minutes=4))
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         tomorrow = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, now=NOW + timedelta(hours=13))
     assert (len(first.chosen), first.budget_left) == (2, 1)
     assert (len(idle.chosen), idle.candidates) == (0, 4)
     assert (len(second.chosen), second.used_before, second.budget_left) == (1, 2, 0)
     assert (len(spent.chosen), spent.candidates, spent.used_before) == (0, 0, 3)
     assert tomorrow.used_before == 0 and len(tomorrow.chosen) == 2  # the last two grant questions
-    with factory() as s:
+    with db_sessions() as s:
         items = queued(s)
     assert all(len(reasons) == 1 for reasons in items.values()) and len(items) == 5
 
 
-def test_questions_near_a_drift_cluster_come_first(factory) -> None:
+def test_questions_near_a_drift_cluster_come_first(db_sessions) -> None:
     settings = LoopSettings(review_budget_per_day=1)
     drift = ["Is the heat pump bonus paid for hybrid heat pumps?"]
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         add(s, "other", "Does the cooling tower levy apply to offices?")
         drifted = add(s, "drifted", "Is the heat pump bonus paid for air heat pumps?")
-    with factory.begin() as s:
+    with db_sessions.begin() as s:
         result = fill_review_queue(s, ROUTE, settings, HOLD_AT, TRAINING, fake_embed, drift_texts=drift, now=NOW)
     [choice] = result.chosen
     assert choice.request_id == drifted and choice.drift > 0.5

@@ -177,13 +177,12 @@ def test_invalid_yaml_is_located_but_not_quoted(tmp_path):
 ROW_SECRET = "bob.secret@example.com"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def table(request, tmp_path):
+@pytest.fixture
+def table(db_url):
     """An engine from `make_engine` and a fresh table `(email unique, n not null)` in it."""
     from core.db.session import make_engine
 
-    url = f"sqlite:///{tmp_path / 'privacy.db'}" if request.param == "sqlite" else None
-    engine = make_engine(url or request.getfixturevalue("postgres_database"))
+    engine = make_engine(db_url)
     name = f"privacy_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(sa.text(f"CREATE TABLE {name} (email VARCHAR(200) UNIQUE, n INTEGER NOT NULL)"))

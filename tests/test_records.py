@@ -8,27 +8,14 @@ import asyncio
 import json
 import uuid
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
-from core.db import Request, make_engine, session_factory, upgrade, utcnow
+from core.db import Request, utcnow
 from core.settings import GatewaySettings
 from gateway.metrics import Metrics
 from gateway.recorder import TrafficLog, private
 from gateway.records import clean_row, reason_of
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sessions(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def row(**extra) -> dict:
@@ -61,7 +48,7 @@ async def write(log: TrafficLog, rows: list[dict]) -> None:
     await log.close()
 
 
-def test_values_a_client_can_send_are_stored_clean(sessions, tmp_path):
+def test_values_a_client_can_send_are_stored_clean(db_sessions, tmp_path):
     hostile = row(
         end_user="u" * 5000,
         prompt_text="lone \ud800 surrogate and NUL \x00 here",
@@ -71,9 +58,9 @@ def test_values_a_client_can_send_are_stored_clean(sessions, tmp_path):
         risk=float("nan"),
     )
     plain = row()
-    log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+    log = TrafficLog(db_sessions, GatewaySettings(log_batch_size=10), Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
     run(write(log, [hostile, plain]))
-    rows = stored(sessions, [hostile["id"], plain["id"]])
+    rows = stored(db_sessions, [hostile["id"], plain["id"]])
     assert set(rows) == {hostile["id"], plain["id"]}
     got = rows[hostile["id"]]
     assert got.prompt_text == "lone \ufffd surrogate and NUL \ufffd here" and got.answer_text == "\ufffd\ufffd"
@@ -83,39 +70,39 @@ def test_values_a_client_can_send_are_stored_clean(sessions, tmp_path):
     assert not list(tmp_path.glob("*dead-letters*"))
 
 
-def test_a_refused_row_is_dead_lettered_and_its_batch_written(sessions, tmp_path):
+def test_a_refused_row_is_dead_lettered_and_its_batch_written(db_sessions, tmp_path):
     metrics = Metrics()
     good = [row() for _ in range(3)]
     bad = row(created_at="not a date")  # no cleaning makes this storable: the database refuses it
-    log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
+    log = TrafficLog(db_sessions, GatewaySettings(log_batch_size=10), metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
     run(write(log, [good[0], bad, good[1], good[2]]))
-    assert set(stored(sessions, [r["id"] for r in [*good, bad]])) == {r["id"] for r in good}
+    assert set(stored(db_sessions, [r["id"] for r in [*good, bad]])) == {r["id"] for r in good}
     assert log.dead_letters.path.name == f"traffic-{log.owner.name}.dead-letters.jsonl"
     letters = [json.loads(line) for line in log.dead_letters.path.read_text().splitlines()]
     assert [letter["row"]["id"] for letter in letters] == [bad["id"]] and letters[0]["reason"]
     assert metrics.registry.get_sample_value("tunegate_traffic_log_dead_letters_total") == 1
 
 
-def test_a_row_already_stored_is_not_inserted_twice_nor_dead_lettered(sessions, tmp_path):
+def test_a_row_already_stored_is_not_inserted_twice_nor_dead_lettered(db_sessions, tmp_path):
     first = row(answer_text="stored with its review item")
-    with sessions() as session:  # the review path stored this exchange's row already
+    with db_sessions() as session:  # the review path stored this exchange's row already
         session.add(Request(**first))
         session.commit()
     again, other = dict(first, answer_text="second try"), row()
-    log = TrafficLog(sessions, GatewaySettings(log_batch_size=10), Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+    log = TrafficLog(db_sessions, GatewaySettings(log_batch_size=10), Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
     run(write(log, [again, other]))
-    rows = stored(sessions, [first["id"], other["id"]])
+    rows = stored(db_sessions, [first["id"], other["id"]])
     assert set(rows) == {first["id"], other["id"]} and rows[first["id"]].answer_text == "stored with its review item"
     assert not list(tmp_path.glob("*dead-letters*"))
 
 
-def test_a_full_queue_spills_to_disk_and_is_replayed(sessions, tmp_path):
+def test_a_full_queue_spills_to_disk_and_is_replayed(db_sessions, tmp_path):
     metrics = Metrics()
     rows = [row() for _ in range(5)]
     settings = GatewaySettings(log_queue_max=2, store_text=False)
 
     async def scenario():
-        log = TrafficLog(sessions, settings, metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
+        log = TrafficLog(db_sessions, settings, metrics, backoff_s=(0.0, 0.0), var_dir=tmp_path)
         for r in rows:  # the writer is not running: the queue fills up
             log.record(r)
         await asyncio.gather(*log._spilling)
@@ -126,12 +113,12 @@ def test_a_full_queue_spills_to_disk_and_is_replayed(sessions, tmp_path):
     spilled = run(scenario())
     assert {s["id"] for s in spilled} == {r["id"] for r in rows[2:]}
     assert all(s["prompt_text"] is None for s in spilled)  # privacy holds on disk too
-    assert set(stored(sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
+    assert set(stored(db_sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
     assert metrics.registry.get_sample_value("tunegate_traffic_log_rows_spilled_total") == 3
     assert not list(tmp_path.glob("traffic-*")), "spill replayed, journal dropped, lock released"
 
 
-def test_shutdown_keeps_its_deadline_and_spills_what_is_left(sessions, tmp_path):
+def test_shutdown_keeps_its_deadline_and_spills_what_is_left(db_sessions, tmp_path):
     def down():  # fault injection: the database is unreachable for the whole shutdown
         raise OperationalError("connect", {}, ConnectionRefusedError("database is down"))
 
@@ -139,12 +126,12 @@ def test_shutdown_keeps_its_deadline_and_spills_what_is_left(sessions, tmp_path)
     settings = GatewaySettings(log_close_timeout_s=0.2, log_flush_interval_s=0.01)
     first = TrafficLog(down, settings, Metrics(), backoff_s=(0.05, 0.05), var_dir=tmp_path)
     run(write(first, rows))
-    assert stored(sessions, [r["id"] for r in rows]) == {}
+    assert stored(db_sessions, [r["id"] for r in rows]) == {}
     assert len(first.spill.path.read_text().splitlines()) == 4
     assert not first.owner.lock_path.exists(), "closed: its spill is left for the next start"
 
-    run(write(TrafficLog(sessions, settings, Metrics(), var_dir=tmp_path), []))  # the next start writes them
-    assert set(stored(sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
+    run(write(TrafficLog(db_sessions, settings, Metrics(), var_dir=tmp_path), []))  # the next start writes them
+    assert set(stored(db_sessions, [r["id"] for r in rows])) == {r["id"] for r in rows}
 
 
 def test_clean_row_cuts_only_bounded_columns():
@@ -168,7 +155,7 @@ def test_a_dead_letter_reason_quotes_no_value():
         assert reason_of(err) == 'ValueError: invalid input syntax for type integer: "…"'
 
 
-def test_a_journalled_row_survives_a_crash_and_is_stored_once(sessions, tmp_path):
+def test_a_journalled_row_survives_a_crash_and_is_stored_once(db_sessions, tmp_path):
     """`record_durably` puts the row (private and clean) in the journal before it returns; a process
     that dies before the writer ran leaves the journal, the next start replays it; rows stored
     already are skipped; once the queue has drained the journal is gone."""
@@ -176,7 +163,7 @@ def test_a_journalled_row_survives_a_crash_and_is_stored_once(sessions, tmp_path
     first, second = row(prompt_text="user: mail jane@example.com"), row()
 
     async def crash_before_the_writer_runs() -> None:
-        log = TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+        log = TrafficLog(db_sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
         await log.record_durably(first)  # never started: a SIGKILL would lose the in-memory queue
         await log.record_durably(second)
 
@@ -184,12 +171,12 @@ def test_a_journalled_row_survives_a_crash_and_is_stored_once(sessions, tmp_path
     (journal_path,) = tmp_path.glob("traffic-*.journal.jsonl")
     journal = journal_path.read_text()
     assert first["id"] in journal and second["id"] in journal and "jane@example.com" not in journal
-    run(write(TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path), [second]))
-    rows = stored(sessions, [first["id"], second["id"]])
+    run(write(TrafficLog(db_sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path), [second]))
+    rows = stored(db_sessions, [first["id"], second["id"]])
     assert set(rows) == {first["id"], second["id"]} and "jane@example.com" not in rows[first["id"]].prompt_text
 
     async def drained() -> None:
-        log = TrafficLog(sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
+        log = TrafficLog(db_sessions, settings, Metrics(), backoff_s=(0.0, 0.0), var_dir=tmp_path)
         log.start()
         await log.record_durably(row())
         for _ in range(200):

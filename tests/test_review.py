@@ -29,7 +29,6 @@ from core.db import (
     make_engine,
     session_factory,
     session_scope,
-    upgrade,
     utcnow,
 )
 from core.io import free_port
@@ -38,33 +37,12 @@ from core.settings import ReviewSettings, load_settings
 from gateway.errors import InvalidRequest
 from gateway.review.service import Conflict, ReviewNotFound, ReviewService
 
-from .conftest import reset_postgres_schema
-
 ANSWER = "T896 is available in Leeds and York."
 QUESTION = "Where is T896 available?"
 CONTEXT = "Tariff T896 is available in Leeds only."
 
 
 # --- databases ----------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
-    """A database migrated to head, empty, on each backend."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'review.db'}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        reset_postgres_schema(url)
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
-def sessions(db_url: str):
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def review_service(sessions, **settings) -> ReviewService:
@@ -140,8 +118,8 @@ class Webhook:
 # --- the service --------------------------------------------------------------------------------
 
 
-def test_hold_claim_decide_with_each_verdict(sessions):
-    review = review_service(sessions)
+def test_hold_claim_decide_with_each_verdict(db_sessions):
+    review = review_service(db_sessions)
     sampled = hold(review, reason="sampled")  # older, but held items go first: their clients wait
     approved, rejected, edited = hold(review), hold(review), hold(review)
 
@@ -175,7 +153,7 @@ def test_hold_claim_decide_with_each_verdict(sessions):
     review.decide(sampled, "bob", "approve")
     assert review.claim("bob") is None
 
-    with sessions() as session:
+    with db_sessions() as session:
         decisions = {d.review_item_id: d for d in session.scalars(select(ReviewDecision))}
         assert (decisions[edited].reviewer, decisions[edited].reason) == ("bob", "York is wrong")
         assert decisions[edited].corrected_answer == fixed and decisions[edited].created_at <= utcnow()
@@ -198,26 +176,26 @@ def test_hold_claim_decide_with_each_verdict(sessions):
         ]
         assert len(corrected.content_hash) == 64
 
-    assert audit_actions(sessions) == {
+    assert audit_actions(db_sessions) == {
         "review.hold": 4,
         "review.claim": 4,
         "review.decision": 4,
         "review.decided": 4,
         "example.create": 3,
     }
-    with sessions() as session:
+    with db_sessions() as session:
         entry = session.scalar(
             select(AuditLog).where(AuditLog.action == "review.decision", AuditLog.object_id == edited)
         )
         assert entry.actor == "bob" and entry.detail["verdict"] == "edit" and entry.detail["reason"] == "York is wrong"
 
 
-def test_hold_stores_the_request_and_the_guardrail_document(sessions):
-    review = review_service(sessions)
+def test_hold_stores_the_request_and_the_guardrail_document(db_sessions):
+    review = review_service(db_sessions)
     row = request_row()
     document = {"scores": {"grounding": 0.1}, "context": CONTEXT, "unsupported_spans": [[0, 4]], "evidence": {}}
     item_id = review.hold(row, reason="held", scores=document)  # a whole document, as the guardrails store it
-    with sessions() as session:
+    with db_sessions() as session:
         stored = session.get(Request, row["id"])
         assert stored.answer_text == ANSWER and stored.decision == "hold"
         assert stored.guardrail_scores == document
@@ -226,8 +204,8 @@ def test_hold_stores_the_request_and_the_guardrail_document(sessions):
         review.hold(request_row(), reason="bored")
 
 
-def test_a_decision_needs_the_live_lease_and_a_valid_body(sessions):
-    review = review_service(sessions)
+def test_a_decision_needs_the_live_lease_and_a_valid_body(db_sessions):
+    review = review_service(db_sessions)
     first, second = hold(review), hold(review)
     with pytest.raises(Conflict) as err:
         review.decide(first, "alice", "approve")
@@ -256,8 +234,8 @@ def test_a_decision_needs_the_live_lease_and_a_valid_body(sessions):
     assert review.outcome(second).status == "pending"
 
 
-def test_an_expired_lease_goes_to_the_next_reviewer(sessions):
-    review = review_service(sessions, lease_s=1.0)
+def test_an_expired_lease_goes_to_the_next_reviewer(db_sessions):
+    review = review_service(db_sessions, lease_s=1.0)
     item_id = hold(review)
     assert review.claim("alice").id == item_id
     assert review.claim("bob") is None  # alice's lease is live
@@ -273,11 +251,11 @@ def test_an_expired_lease_goes_to_the_next_reviewer(sessions):
     assert err.value.code == "lease_expired" and "claim it again" in err.value.message
     assert review.claim("bob").id == item_id
     assert review.decide(item_id, "bob", "approve").status == "decided"
-    assert audit_actions(sessions)["review.claim"] == 3
+    assert audit_actions(db_sessions)["review.claim"] == 3
 
 
-def test_concurrent_claims_never_hand_one_item_to_two_reviewers(sessions):
-    review = review_service(sessions, max_leases_per_reviewer=24)
+def test_concurrent_claims_never_hand_one_item_to_two_reviewers(db_sessions):
+    review = review_service(db_sessions, max_leases_per_reviewer=24)
     items = {hold(review, n) for n in range(24)}
     reviewers = [f"reviewer-{i}" for i in range(6)]
     claims: dict[str, list[str]] = {r: [] for r in reviewers}
@@ -300,13 +278,13 @@ def test_concurrent_claims_never_hand_one_item_to_two_reviewers(sessions):
     assert not errors, errors
     everything = [i for ids in claims.values() for i in ids]
     assert len(everything) == len(set(everything)) == 24 and set(everything) == items
-    with sessions() as session:
+    with db_sessions() as session:
         holders = dict(session.execute(select(ReviewItem.id, ReviewItem.claimed_by)).all())
     assert all(holders[i] == r for r, ids in claims.items() for i in ids)
 
 
-def test_overlap_needs_k_verdicts_and_agreement_is_reported(sessions):
-    review = review_service(sessions, required_verdicts=2)
+def test_overlap_needs_k_verdicts_and_agreement_is_reported(db_sessions):
+    review = review_service(db_sessions, required_verdicts=2)
     items = [hold(review, n) for n in range(6)]
     alice = ["approve", "approve", "reject", "edit", "approve", "edit"]
     bob = ["approve", "reject", "reject", "edit", "approve", "approve"]
@@ -340,8 +318,8 @@ def test_overlap_needs_k_verdicts_and_agreement_is_reported(sessions):
     assert row.kappa == pytest.approx(11 / 23)
 
 
-def test_agreement_is_none_when_kappa_is_undefined(sessions):
-    review = review_service(sessions, required_verdicts=2)
+def test_agreement_is_none_when_kappa_is_undefined(db_sessions):
+    review = review_service(db_sessions, required_verdicts=2)
     item_id = hold(review)
     for reviewer in ("alice", "bob"):
         review.claim(reviewer)
@@ -351,9 +329,9 @@ def test_agreement_is_none_when_kappa_is_undefined(sessions):
 
 
 @pytest.mark.parametrize("fallback", ["refuse", "release"])
-def test_a_held_answer_nobody_decides_in_time_follows_the_fallback(sessions, fallback):
+def test_a_held_answer_nobody_decides_in_time_follows_the_fallback(db_sessions, fallback):
     with Webhook() as hook:
-        review = review_service(sessions, hold_timeout_s=1.5, hold_fallback=fallback, webhook_url=hook.url)
+        review = review_service(db_sessions, hold_timeout_s=1.5, hold_fallback=fallback, webhook_url=hook.url)
         claimed, untouched, swept = hold(review), hold(review), hold(review)
         sampled = hold(review, reason="sampled")
         assert review.claim("alice").id == claimed
@@ -381,12 +359,12 @@ def test_a_held_answer_nobody_decides_in_time_follows_the_fallback(sessions, fal
     assert {(p["status"], p["answer"]) for p in hook.received} == {
         ("expired", ANSWER if fallback == "release" else None)
     }
-    assert audit_actions(sessions)["review.expired"] == 3
+    assert audit_actions(db_sessions)["review.expired"] == 3
 
 
-def test_the_webhook_gets_decided_outcomes_and_a_dead_one_is_only_logged(sessions, caplog):
+def test_the_webhook_gets_decided_outcomes_and_a_dead_one_is_only_logged(db_sessions, caplog):
     with Webhook() as hook:
-        review = review_service(sessions, webhook_url=hook.url)
+        review = review_service(db_sessions, webhook_url=hook.url)
         held, sampled = hold(review), hold(review, reason="sampled")
         review.claim("alice")
         review.decide(held, "alice", "edit", corrected_answer="Leeds only.", reason="York is wrong")
@@ -402,7 +380,7 @@ def test_the_webhook_gets_decided_outcomes_and_a_dead_one_is_only_logged(session
         True,
     )
 
-    dead = review_service(sessions, webhook_url=f"http://127.0.0.1:{free_port()}/hook")
+    dead = review_service(db_sessions, webhook_url=f"http://127.0.0.1:{free_port()}/hook")
     item_id = hold(dead)
     dead.claim("bob")
     with caplog.at_level(logging.WARNING, logger="tunegate.review"):
@@ -411,8 +389,8 @@ def test_the_webhook_gets_decided_outcomes_and_a_dead_one_is_only_logged(session
     assert "webhook" in caplog.text and item_id in caplog.text
 
 
-def test_the_queue_counts_and_lists_without_claiming(sessions):
-    review = review_service(sessions)
+def test_the_queue_counts_and_lists_without_claiming(db_sessions):
+    review = review_service(db_sessions)
     ids = [hold(review, n) for n in range(3)]
     review.claim("alice")
     queue = review.queue(limit=5)
@@ -424,15 +402,19 @@ def test_the_queue_counts_and_lists_without_claiming(sessions):
 # --- the API ------------------------------------------------------------------------------------
 
 
-def test_review_api_roles_and_round_trip(db_url, tmp_path):
+def test_review_api_roles_and_round_trip(migrated_db_url, tmp_path):
     from fastapi.testclient import TestClient
 
     from gateway.app import create_app
 
     settings = load_settings(
-        None, var_dir=tmp_path, vllm={"url": "http://127.0.0.1:9"}, database={"url": db_url}, gateway={"key_cache_s": 0}
+        None,
+        var_dir=tmp_path,
+        vllm={"url": "http://127.0.0.1:9"},
+        database={"url": migrated_db_url},
+        gateway={"key_cache_s": 0},
     )
-    sessions = session_factory(make_engine(db_url))
+    sessions = session_factory(make_engine(migrated_db_url))
     with session_scope(sessions) as session:
         app_key, app_row = create_key(session, "shop", "app")
         other_app_key = create_key(session, "other-shop", "app")[0]

@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from core.db import Adapter, Alias, AliasTarget, AuditLog, Request, make_engine, session_factory, session_scope, upgrade
+from core.db import Adapter, Alias, AliasTarget, AuditLog, Request, make_engine, session_factory, session_scope
 from core.keys import create_key
 from core.lifecycle import RouteTarget, set_weights, transition
 from core.settings import load_settings
@@ -29,28 +29,9 @@ from gateway.app import create_app
 from gateway.metrics import Metrics
 from gateway.routing import ROUTES_TTL_S, NoServingVersion, Router, pick_target, sticky_fraction
 
-from .conftest import ServerThread, reset_postgres_schema
+from .conftest import ServerThread
 
 S = AdapterStatus
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """An empty database on each backend, migrated to head."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        reset_postgres_schema(url)
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
-def sessions(db_url):
-    engine = make_engine(db_url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def settings_for(tmp_path: Path, db_url: str, routes: dict | None = None):
@@ -120,19 +101,19 @@ def logged(sessions, route: str) -> list[tuple[str, int | None]]:
 # --- (a) seeding ------------------------------------------------------------------------------------
 
 
-def test_settings_seed_the_routes_once_even_when_replicas_start_together(tmp_path, db_url, sessions):
+def test_settings_seed_the_routes_once_even_when_replicas_start_together(tmp_path, migrated_db_url, db_sessions):
     routes = {
         "support": {"targets": [{"adapter": "support"}], "description": "the support assistant"},
         "mixed": {"targets": [{"adapter": None, "weight": 9}, {"adapter": "support", "version": "v1", "weight": 1}]},
         "later": {"targets": [{"adapter": "future"}]},  # its adapter is not registered yet
     }
-    settings = settings_for(tmp_path, db_url, routes)
-    v1, v2 = add_adapter(sessions, "support", 1), add_adapter(sessions, "support", 2)
-    add_adapter(sessions, "support", 3, S.REJECTED)  # newer, but `latest` never picks a version turned down
+    settings = settings_for(tmp_path, migrated_db_url, routes)
+    v1, v2 = add_adapter(db_sessions, "support", 1), add_adapter(db_sessions, "support", 2)
+    add_adapter(db_sessions, "support", 3, S.REJECTED)  # newer, but `latest` never picks a version turned down
     barrier, seeded, errors = threading.Barrier(4), [], []
 
     def replica() -> None:  # a gateway process starting: its own engine, its own connection
-        engine = make_engine(db_url)
+        engine = make_engine(migrated_db_url)
         try:
             router = Router(settings, session_factory(engine))
             barrier.wait()
@@ -149,7 +130,7 @@ def test_settings_seed_the_routes_once_even_when_replicas_start_together(tmp_pat
         thread.join(timeout=60)
     assert errors == []
     assert sorted(name for names in seeded for name in names) == ["mixed", "support"]  # each seeded by one
-    with sessions() as session:
+    with db_sessions() as session:
         aliases = {a.name: a for a in session.scalars(select(Alias))}
         assert set(aliases) == {"mixed", "support"} and aliases["support"].description == "the support assistant"
         targets = {
@@ -170,12 +151,12 @@ def test_settings_seed_the_routes_once_even_when_replicas_start_together(tmp_pat
         }
 
     # The settings' targets are only a seed: the database is the truth from then on.
-    with session_scope(sessions) as session:
+    with session_scope(db_sessions) as session:
         set_weights(session, "support", {v1: 1}, actor="test", why="pin v1")
-    future = add_adapter(sessions, "future", 1)
-    assert Router(settings, sessions).seed() == ["later"]  # its adapter exists now
-    assert Router(settings, sessions).seed() == []
-    with sessions() as session:
+    future = add_adapter(db_sessions, "future", 1)
+    assert Router(settings, db_sessions).seed() == ["later"]  # its adapter exists now
+    assert Router(settings, db_sessions).seed() == []
+    with db_sessions() as session:
         assert session.scalar(select(func.count()).select_from(AuditLog).where(AuditLog.action == "route.seeded")) == 3
         support = session.scalar(select(Alias).where(Alias.name == "support"))
         assert [t.adapter_id for t in support.targets] == [v1]
@@ -211,10 +192,12 @@ def switched(replicas, key: str, probes: list[str], expect, since: float) -> lis
     return [found[url] for url, _ in replicas]
 
 
-def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_path, db_url, sessions):
-    settings = settings_for(tmp_path, db_url, {"support": {"targets": [{"adapter": "support", "version": "v1"}]}})
-    ids = {v: add_adapter(sessions, "support", v) for v in (1, 2, 3)}
-    key = app_key(sessions)
+def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_path, migrated_db_url, db_sessions):
+    settings = settings_for(
+        tmp_path, migrated_db_url, {"support": {"targets": [{"adapter": "support", "version": "v1"}]}}
+    )
+    ids = {v: add_adapter(db_sessions, "support", v) for v in (1, 2, 3)}
+    key = app_key(db_sessions)
     users = [f"user-{i}" for i in range(12)]
     fakes = [FakeVllm(), FakeVllm()]
     with (
@@ -226,7 +209,7 @@ def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_pa
             assert {served_version(url, key, vllm, user) for user in users} == {"support-v1"}
 
         # An operator (a third session) promotes v2: gate, canary, active; v1 retires; all weight to v2.
-        with session_scope(sessions) as session:
+        with session_scope(db_sessions) as session:
             v1, v2 = session.get(Adapter, ids[1]), session.get(Adapter, ids[2])
             for status in (S.GATED, S.CANARY, S.ACTIVE):
                 transition(session, v2, status, actor="test", why="promotion")
@@ -238,7 +221,7 @@ def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_pa
             assert {served_version(url, key, vllm, user) for user in users} == {"support-v2"}
 
         # v3 as a canary beside v2, then rolled back: its status alone takes it out of every replica.
-        with session_scope(sessions) as session:
+        with session_scope(db_sessions) as session:
             v3 = session.get(Adapter, ids[3])
             transition(session, v3, S.GATED, actor="test", why="gate passed")
             transition(session, v3, S.CANARY, actor="test", why="canary")
@@ -252,7 +235,7 @@ def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_pa
             assert {u: served_version(url, key, vllm, u) for u in users} == {
                 u: "support-v3" if u in on_v3 else "support-v2" for u in users}  # fmt: skip
 
-        with session_scope(sessions) as session:
+        with session_scope(db_sessions) as session:
             transition(session, session.get(Adapter, ids[3]), S.ROLLED_BACK, actor="test", why="worse than v2")
         rolled_back = time.monotonic()
         assert max(switched(replicas, key, on_v3, lambda m: m == "support-v2", rolled_back)) < 3.0
@@ -261,9 +244,9 @@ def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_pa
             assert {served_version(url, key, vllm, user) for user in users} == {"support-v2"}
             assert set(vllm.models[after:]) == {"support-v2"}
 
-    rows = logged(sessions, "support")  # the traffic log names the version that answered
+    rows = logged(db_sessions, "support")  # the traffic log names the version that answered
     assert {adapter_id for _, adapter_id in rows} == set(ids.values())
-    with sessions() as session:  # seeded once although two replicas started on this database
+    with db_sessions() as session:  # seeded once although two replicas started on this database
         assert session.scalar(select(func.count()).select_from(AuditLog).where(AuditLog.action == "route.seeded")) == 1
 
 
@@ -271,22 +254,24 @@ def test_every_replica_follows_a_promotion_and_a_rollback_without_restart(tmp_pa
 
 
 @pytest.fixture
-def gateway(tmp_path, db_url, sessions):
+def gateway(tmp_path, migrated_db_url, db_sessions):
     """One gateway over the fake vLLM; the route `support` is seeded from the settings with v1 active."""
-    settings = settings_for(tmp_path, db_url, {"support": {"targets": [{"adapter": "support", "version": "v1"}]}})
-    v1 = add_adapter(sessions, "support", 1)
-    key = app_key(sessions)
+    settings = settings_for(
+        tmp_path, migrated_db_url, {"support": {"targets": [{"adapter": "support", "version": "v1"}]}}
+    )
+    v1 = add_adapter(db_sessions, "support", 1)
+    key = app_key(db_sessions)
     vllm = FakeVllm()
     app = create_app(settings, transport=httpx.MockTransport(vllm))
     with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
         yield client, vllm, v1, app
 
 
-def test_only_canary_and_active_versions_get_traffic(gateway, sessions):
+def test_only_canary_and_active_versions_get_traffic(gateway, db_sessions):
     client, vllm, v1, _ = gateway
-    others = {status: add_adapter(sessions, "support", n, status) for n, status in enumerate(
+    others = {status: add_adapter(db_sessions, "support", n, status) for n, status in enumerate(
         (S.CANDIDATE, S.GATED, S.REJECTED, S.ROLLED_BACK, S.RETIRED), start=2)}  # fmt: skip
-    with session_scope(sessions) as session:
+    with session_scope(db_sessions) as session:
         set_weights(
             session, "support", {v1: 1, **{i: 10 for i in others.values()}}, actor="test", why="hostile weights"
         )
@@ -296,15 +281,15 @@ def test_only_canary_and_active_versions_get_traffic(gateway, sessions):
         assert resp.status_code == 200, resp.text
     assert set(vllm.models) == {"support-v1"} and set(vllm.loaded) == {"support-v1"}
     deadline = time.monotonic() + 10
-    while len(rows := logged(sessions, "support")) < 200 and time.monotonic() < deadline:
+    while len(rows := logged(db_sessions, "support")) < 200 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(rows) == 200 and {adapter_id for _, adapter_id in rows} == {v1}
 
 
-def test_weights_split_users_and_each_user_keeps_a_version(gateway, sessions):
+def test_weights_split_users_and_each_user_keeps_a_version(gateway, db_sessions):
     client, vllm, v1, _ = gateway
-    v2 = add_adapter(sessions, "support", 2)
-    with session_scope(sessions) as session:
+    v2 = add_adapter(db_sessions, "support", 2)
+    with session_scope(db_sessions) as session:
         adapter = session.get(Adapter, v2)
         transition(session, adapter, S.GATED, actor="test", why="gate passed")
         transition(session, adapter, S.CANARY, actor="test", why="canary at 10%")
@@ -322,10 +307,10 @@ def test_weights_split_users_and_each_user_keeps_a_version(gateway, sessions):
             assert vllm.models[-1] == first[f"user-{i}"]
 
 
-def test_a_route_with_nothing_to_serve_is_a_503_and_database_routes_are_known(gateway, sessions):
+def test_a_route_with_nothing_to_serve_is_a_503_and_database_routes_are_known(gateway, db_sessions):
     client, vllm, v1, app = gateway
-    dark = add_adapter(sessions, "dark", 1)  # a candidate: never serves
-    with session_scope(sessions) as session:  # two routes only the database has
+    dark = add_adapter(db_sessions, "dark", 1)  # a candidate: never serves
+    with session_scope(db_sessions) as session:  # two routes only the database has
         session.add(Alias(name="dark", targets=[AliasTarget(adapter_id=dark, weight=1)]))
         session.add(Alias(name="plain", description="the base model, by another name", targets=[AliasTarget()]))
     time.sleep(ROUTES_TTL_S + 0.1)
@@ -351,7 +336,7 @@ def test_a_route_with_nothing_to_serve_is_a_503_and_database_routes_are_known(ga
     settings = app.state.services.settings.model_copy(
         update={"routes": {**app.state.services.settings.routes, "later": load_settings(
             None, routes={"later": {"targets": [{"adapter": "future"}]}}).routes["later"]}})  # fmt: skip
-    router = Router(settings, sessions)
+    router = Router(settings, db_sessions)
 
     async def resolve():
         await router.refresh()
@@ -360,20 +345,22 @@ def test_a_route_with_nothing_to_serve_is_a_503_and_database_routes_are_known(ga
     with pytest.raises(NoServingVersion) as err:
         asyncio.run(resolve())
     assert err.value.status_code == 503
-    add_adapter(sessions, "future", 1)
+    add_adapter(db_sessions, "future", 1)
     router._tried_at = float("-inf")  # as if ROUTES_TTL_S had passed: the refresh seeds it now
     assert asyncio.run(resolve()).served_name == "future-v1"
 
 
-def test_the_last_table_keeps_serving_while_the_database_is_down(tmp_path, db_url, sessions):
-    settings = settings_for(tmp_path, db_url, {"support": {"targets": [{"adapter": "support", "version": "v1"}]}})
-    add_adapter(sessions, "support", 1)
+def test_the_last_table_keeps_serving_while_the_database_is_down(tmp_path, migrated_db_url, db_sessions):
+    settings = settings_for(
+        tmp_path, migrated_db_url, {"support": {"targets": [{"adapter": "support", "version": "v1"}]}}
+    )
+    add_adapter(db_sessions, "support", 1)
     down = threading.Event()
 
     def flaky():
         if down.is_set():
             raise RuntimeError("database unavailable")
-        return sessions()
+        return db_sessions()
 
     metrics = Metrics()
     router = Router(settings, flaky, metrics, ttl_s=0.0)  # every request reads the table

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from core.db import Request, make_engine, session_factory, upgrade, utcnow
+from core.db import Request, utcnow
 from core.settings import GatewaySettings
 from gateway.metrics import Metrics
 from gateway.recorder import TrafficLog
@@ -26,18 +26,6 @@ from gateway.records import LEGACY, RowFile, clean_row
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = GatewaySettings(log_batch_size=10, log_flush_interval_s=0.01)
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database(request, tmp_path):
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    else:
-        url = request.getfixturevalue("postgres_database")
-    upgrade(url)
-    engine = make_engine(url)
-    yield url, session_factory(engine)
-    engine.dispose()
 
 
 def row() -> dict:
@@ -68,31 +56,29 @@ async def drain(log: TrafficLog, rows: list[dict]) -> None:
     await log.close()
 
 
-def test_one_process_draining_leaves_anothers_journal_alone(database, tmp_path):
-    _, sessions = database
+def test_one_process_draining_leaves_anothers_journal_alone(db_sessions, tmp_path):
     var = tmp_path / "var"
     mine, theirs = [row() for _ in range(3)], [row() for _ in range(4)]
 
     async def scenario() -> None:
-        other = new_log(sessions, var)  # journals, but its writer has not written yet
+        other = new_log(db_sessions, var)  # journals, but its writer has not written yet
         for r in theirs:
             await other.record_durably(r)
         journal = other.journal.path.read_text()
-        await drain(new_log(sessions, var), mine)  # starts (adopts orphans), drains, drops its journal
+        await drain(new_log(db_sessions, var), mine)  # starts (adopts orphans), drains, drops its journal
         assert other.journal.path.read_text() == journal, "another live process's journal is untouched"
-        assert stored(sessions, [r["id"] for r in theirs]) == set()
+        assert stored(db_sessions, [r["id"] for r in theirs]) == set()
         assert other.owner.lock_path.exists()
         other.start()  # its own writer stores them
         await other.close()
 
     asyncio.run(scenario())
-    assert stored(sessions, [r["id"] for r in mine + theirs]) == {r["id"] for r in mine + theirs}
+    assert stored(db_sessions, [r["id"] for r in mine + theirs]) == {r["id"] for r in mine + theirs}
     assert not list(var.glob("traffic-*")), "journals dropped and locks released"
 
 
-def test_the_lock_is_held_until_close_and_released_by_it(database, tmp_path):
-    _, sessions = database
-    log = new_log(sessions, tmp_path)
+def test_the_lock_is_held_until_close_and_released_by_it(db_sessions, tmp_path):
+    log = new_log(db_sessions, tmp_path)
 
     async def scenario() -> None:
         log.start()
@@ -108,14 +94,13 @@ def test_the_lock_is_held_until_close_and_released_by_it(database, tmp_path):
     assert log.owner.name.split("-")[-2] == str(os.getpid())
 
 
-def test_files_of_earlier_versions_are_replayed_once(database, tmp_path):
-    _, sessions = database
+def test_files_of_earlier_versions_are_replayed_once(db_sessions, tmp_path):
     rows = [row() for _ in range(5)]
     RowFile(tmp_path / LEGACY[0]).append([clean_row(r) for r in rows[:2]])  # the single journal
     RowFile(tmp_path / LEGACY[1]).append([clean_row(r) for r in rows[2:4]])  # the single spill
     RowFile(tmp_path / f"{LEGACY[1]}.0123abcd.replay").append([clean_row(rows[4])])  # a replay cut short
-    asyncio.run(drain(new_log(sessions, tmp_path), []))
-    assert stored(sessions, [r["id"] for r in rows]) == {r["id"] for r in rows}
+    asyncio.run(drain(new_log(db_sessions, tmp_path), []))
+    assert stored(db_sessions, [r["id"] for r in rows]) == {r["id"] for r in rows}
     assert not list(tmp_path.glob("traffic-*"))
 
 
@@ -153,14 +138,15 @@ def journaller(url: str, var_dir: Path, n: int) -> tuple[subprocess.Popen, str, 
     return proc, line[0], line[1:]
 
 
-def test_a_sigkilled_process_journal_is_replayed_by_another_and_a_live_ones_is_not(database, tmp_path):
-    url, sessions = database
+def test_a_sigkilled_process_journal_is_replayed_by_another_and_a_live_ones_is_not(
+    migrated_db_url, db_sessions, tmp_path
+):
     var = tmp_path / "var"
     procs: list[subprocess.Popen] = []
     try:
-        killed, killed_owner, killed_ids = journaller(url, var, 5)
+        killed, killed_owner, killed_ids = journaller(migrated_db_url, var, 5)
         procs.append(killed)
-        live, live_owner, live_ids = journaller(url, var, 3)
+        live, live_owner, live_ids = journaller(migrated_db_url, var, 3)
         procs.append(live)
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)
@@ -168,11 +154,11 @@ def test_a_sigkilled_process_journal_is_replayed_by_another_and_a_live_ones_is_n
         assert {p.name for p in live_files} == {f"traffic-{live_owner}.lock", f"traffic-{live_owner}.journal.jsonl"}
         assert (var / f"traffic-{killed_owner}.journal.jsonl").exists()
 
-        asyncio.run(drain(new_log(sessions, var), [row()]))  # this process starts on the same var_dir
+        asyncio.run(drain(new_log(db_sessions, var), [row()]))  # this process starts on the same var_dir
 
-        assert stored(sessions, killed_ids) == set(killed_ids), "the killed process's answered rows are in"
+        assert stored(db_sessions, killed_ids) == set(killed_ids), "the killed process's answered rows are in"
         assert not list(var.glob(f"traffic-{killed_owner}*")), "its files were replayed, then removed"
-        assert stored(sessions, live_ids) == set(), "the live process's rows are its own to write"
+        assert stored(db_sessions, live_ids) == set(), "the live process's rows are its own to write"
         assert {p: p.read_bytes() for p in var.glob(f"traffic-{live_owner}.*")} == live_files
     finally:
         for proc in procs:

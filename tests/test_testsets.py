@@ -8,37 +8,22 @@ an example of the dataset `reviewed` whose messages are the conversation plus th
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
-from core.db import Dataset, Example, Request, make_engine, session_factory, session_scope, upgrade, utcnow
+from core.db import Dataset, Example, Request, session_scope, utcnow
 from core.io import normalise_answer, read_jsonl, sha256_text, write_jsonl
 from core.labels import REVIEWED_DATASET
 from core.loop_settings import LoopSettings
 from core.vocab import DatasetKind, ExampleSource
 from evalsuite import testsets
 
-from .conftest import reset_postgres_schema
+from .helpers import question
 
 ROUTE = "support"
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/t.db"
-    else:
-        url = request.getfixturevalue("postgres_database")
-        reset_postgres_schema(url)
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
 
 
 def reviewed_dataset(session: Session) -> int:
@@ -85,10 +70,6 @@ def add_reviewed(
     return example
 
 
-def question(i: int) -> str:
-    return f"What is the unit rate of tariff T{i:04d}?"
-
-
 def answer_of(i: int) -> str:
     return f"Tariff T{i:04d} costs {i % 97} cents per kWh."
 
@@ -121,20 +102,20 @@ def request_ids(items: list[testsets.TestItem]) -> set[str]:
     return {i.request_id for i in items}
 
 
-def test_holdout_takes_the_first_items_then_freezes(factory) -> None:
+def test_holdout_takes_the_first_items_then_freezes(db_sessions) -> None:
     cfg = settings(holdout_size=5)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         first = [add_reviewed(s, question(i), answer_of(i)) for i in range(3)]
         a = testsets.assign_reviewed(s, ROUTE, cfg)
         assert (a.holdout, a.test, a.train, a.holdout_frozen) == (3, 0, 0, False)
         assert a.example_ids["holdout"] == [e.id for e in first]
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         more = [add_reviewed(s, question(i), answer_of(i)) for i in range(3, 10)]
         a = testsets.assign_reviewed(s, ROUTE, cfg)
         assert a.holdout == 2 and a.holdout_frozen
         assert a.example_ids["holdout"] == [more[0].id, more[1].id]  # oldest first
         assert a.test + a.train == 5
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         holdout = s.scalars(sa.select(Dataset).where(Dataset.name == f"holdout:{ROUTE}")).all()
         assert len(holdout) == 1 and holdout[0].frozen and holdout[0].kind == DatasetKind.HOLDOUT
         frozen_hash = holdout[0].content_hash
@@ -144,26 +125,26 @@ def test_holdout_takes_the_first_items_then_freezes(factory) -> None:
         assert [i.answer for i in items] == [answer_of(i) for i in range(5)]
     # More assignments never add to the holdout.
     for batch in range(2):
-        with session_scope(factory) as s:
+        with session_scope(db_sessions) as s:
             for i in range(100 + 10 * batch, 110 + 10 * batch):
                 add_reviewed(s, question(i), answer_of(i))
             a = testsets.assign_reviewed(s, ROUTE, cfg)
             assert a.holdout == 0 and a.holdout_frozen and a.test + a.train == 10
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         holdout = s.scalar(sa.select(Dataset).where(Dataset.name == f"holdout:{ROUTE}"))
         assert holdout.content_hash == frozen_hash
         assert len(testsets.items(s, ROUTE, DatasetKind.HOLDOUT)) == 5
 
 
-def test_test_share_and_sides_are_disjoint(factory) -> None:
+def test_test_share_and_sides_are_disjoint(db_sessions) -> None:
     cfg = settings(holdout_size=10, test_share=0.25)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         for i in range(410):
             add_reviewed(s, question(i), answer_of(i))
         a = testsets.assign_reviewed(s, ROUTE, cfg)
     assert a.holdout == 10 and a.test + a.train == 400
     assert abs(a.test / 400 - 0.25) < 0.07, a.to_dict()
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         holdout = testsets.items(s, ROUTE, DatasetKind.HOLDOUT)
         test = testsets.items(s, ROUTE, DatasetKind.TEST)
         train = testsets.training_labels(s, ROUTE)
@@ -182,33 +163,33 @@ def test_test_share_and_sides_are_disjoint(factory) -> None:
         assert all(testsets._test_side(i.question, 0.25) for i in test)
 
 
-def test_the_same_question_always_lands_on_the_same_side(factory) -> None:
+def test_the_same_question_always_lands_on_the_same_side(db_sessions) -> None:
     cfg = settings(holdout_size=2)
     on_test = questions_on(True, 0.25, 0, 3)
     on_train = questions_on(False, 0.25, 0, 3)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         add_reviewed(s, "warm-up one", "a")
         add_reviewed(s, "warm-up two", "b")
         testsets.assign_reviewed(s, ROUTE, cfg)
     for round_ in range(2):  # the same questions asked again later, in other spellings
-        with session_scope(factory) as s:
+        with session_scope(db_sessions) as s:
             for i in on_test + on_train:
                 text = question(i) if round_ == 0 else "  " + question(i).upper().replace(" ", "   ")
                 add_reviewed(s, text, answer_of(i) if round_ == 0 else f"corrected {i}")
             a = testsets.assign_reviewed(s, ROUTE, cfg)
             assert (a.holdout, a.test, a.train) == (0, 3, 3)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         test_q = [normalise_answer(i.question) for i in testsets.items(s, ROUTE, DatasetKind.TEST)]
         train_q = [normalise_answer(r["messages"][-2]["content"]) for r in testsets.training_labels(s, ROUTE)]
         assert sorted(test_q) == sorted(normalise_answer(question(i)) for i in on_test for _ in range(2))
         assert sorted(train_q) == sorted(normalise_answer(question(i)) for i in on_train for _ in range(2))
 
 
-def test_each_run_that_adds_test_items_is_a_new_version(factory) -> None:
+def test_each_run_that_adds_test_items_is_a_new_version(db_sessions) -> None:
     cfg = settings(holdout_size=2)
     on_test = questions_on(True, 0.25, 0, 9)
     on_train = questions_on(False, 0.25, 0, 6)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         add_reviewed(s, "holdout one", "a")
         add_reviewed(s, "holdout two", "b")
         a = testsets.assign_reviewed(s, ROUTE, cfg)
@@ -217,7 +198,7 @@ def test_each_run_that_adds_test_items_is_a_new_version(factory) -> None:
     batches = [(on_test[0:4], on_train[0:2]), (on_test[4:9], on_train[2:4]), ([], on_train[4:6])]
     seen: list[list[testsets.TestItem]] = []
     for n, (tests, trains) in enumerate(batches, start=1):
-        with session_scope(factory) as s:
+        with session_scope(db_sessions) as s:
             for i in tests + trains:
                 add_reviewed(s, question(i), answer_of(i))
             a = testsets.assign_reviewed(s, ROUTE, cfg)
@@ -228,7 +209,7 @@ def test_each_run_that_adds_test_items_is_a_new_version(factory) -> None:
             else:  # nothing added: no new version
                 assert a.test_version is None and testsets.current_version(s, ROUTE) == 2
     assert [len(x) for x in seen] == [4, 9]
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         versions = s.scalars(sa.select(Dataset).where(Dataset.name == f"test:{ROUTE}").order_by(Dataset.version)).all()
         assert [v.version for v in versions] == [1, 2]
         assert all(v.frozen and v.kind == DatasetKind.TEST for v in versions)
@@ -244,11 +225,11 @@ def test_each_run_that_adds_test_items_is_a_new_version(factory) -> None:
         assert sorted(i.question for i in v2) == sorted(question(i) for i in on_test)
 
 
-def test_other_routes_untouched_and_reads(factory) -> None:
+def test_other_routes_untouched_and_reads(db_sessions) -> None:
     cfg = settings(holdout_size=3)
     on_test = questions_on(True, 0.25, 0, 4)
     on_train = questions_on(False, 0.25, 0, 4)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         hold = [add_reviewed(s, f"Holdout question {k}?", f"holdout answer {k}") for k in range(3)]
         history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                    {"role": "assistant", "content": "hello"}]  # fmt: skip
@@ -258,7 +239,7 @@ def test_other_routes_untouched_and_reads(factory) -> None:
             add_reviewed(s, question(i), answer_of(i), route="billing")
         a = testsets.assign_reviewed(s, ROUTE, cfg)
         assert (a.holdout, a.test, a.train) == (3, 4, 4)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         assert set(reviewed_splits(s, "billing").values()) == {None}
         for kind in (DatasetKind.HOLDOUT, DatasetKind.TEST):
             assert testsets.items(s, "billing", kind) == []
@@ -286,17 +267,17 @@ def test_other_routes_untouched_and_reads(factory) -> None:
         assert row["messages"] == test[0].prompt and row["answer"] == test[0].answer
 
 
-def test_labels_since_counts_only_later_training_labels(factory) -> None:
+def test_labels_since_counts_only_later_training_labels(db_sessions) -> None:
     cfg = settings(holdout_size=1)
     on_train = questions_on(False, 0.25, 0, 5)
     on_test = questions_on(True, 0.25, 0, 2)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         add_reviewed(s, "the holdout", "x")
         for i in on_train[:2] + on_test[:1]:
             add_reviewed(s, question(i), answer_of(i))
         testsets.assign_reviewed(s, ROUTE, cfg)
         mark = s.scalar(sa.select(sa.func.max(Example.created_at)))
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         for i in on_train[2:] + on_test[1:]:
             add_reviewed(s, question(i), answer_of(i))
         # Not assigned yet: a label without a side does not count.
@@ -306,13 +287,13 @@ def test_labels_since_counts_only_later_training_labels(factory) -> None:
         assert testsets.labels_since(s, ROUTE, None) == 5
 
 
-def test_assign_twice_is_idempotent(factory) -> None:
+def test_assign_twice_is_idempotent(db_sessions) -> None:
     cfg = settings(holdout_size=4)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         for i in range(40):
             add_reviewed(s, question(i), answer_of(i))
         first = testsets.assign_reviewed(s, ROUTE, cfg)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         before = (
             s.scalar(sa.select(sa.func.count()).select_from(Example)),
             s.scalar(sa.select(sa.func.count()).select_from(Dataset)),
@@ -321,7 +302,7 @@ def test_assign_twice_is_idempotent(factory) -> None:
         again = testsets.assign_reviewed(s, ROUTE, cfg)
         assert (again.holdout, again.test, again.train, again.test_version) == (0, 0, 0, None)
         assert again.holdout_frozen
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         after = (
             s.scalar(sa.select(sa.func.count()).select_from(Example)),
             s.scalar(sa.select(sa.func.count()).select_from(Dataset)),
@@ -331,7 +312,7 @@ def test_assign_twice_is_idempotent(factory) -> None:
         assert testsets.current_version(s, ROUTE) == first.test_version == 1
 
 
-def test_no_test_item_survives_curation_of_training_data(factory, tmp_path: Path) -> None:
+def test_no_test_item_survives_curation_of_training_data(db_sessions, tmp_path: Path) -> None:
     """The contamination rule, fed `contamination_texts`, drops a training row that asks a test question
     (here written differently, so the question hash put it on the other side) and keeps a different
     phrasing of the same fact."""
@@ -340,7 +321,7 @@ def test_no_test_item_survives_curation_of_training_data(factory, tmp_path: Path
     cfg = settings(holdout_size=2)
     on_test = questions_on(True, 0.25, 0, 3)
     on_train = questions_on(False, 0.25, 0, 3)
-    with session_scope(factory) as s:
+    with session_scope(db_sessions) as s:
         add_reviewed(s, "How do I reset my password?", "Use the link on the sign-in page.")
         add_reviewed(s, "Which plan includes support?", "The Pro plan.")
         for i in on_test + on_train:

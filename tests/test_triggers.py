@@ -15,10 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.db import (
     Adapter,
     AuditLog,
-    Dataset,
-    Example,
     Job,
-    Request,
     Rollout,
     enqueue,
     make_engine,
@@ -28,11 +25,12 @@ from core.db import (
     utcnow,
 )
 from core.io import sha256_text
-from core.labels import REVIEWED_DATASET
 from core.lifecycle import set_paused
 from core.loop_settings import LoopSettings, TriggerSettings
-from core.vocab import AdapterStatus, DatasetKind, ExampleSource, JobStatus, RolloutStatus
+from core.vocab import AdapterStatus, DatasetKind, JobStatus, RolloutStatus
 from evalsuite import testsets, triggers
+
+from .helpers import add_reviewed
 
 ROUTE = "support"
 SETTINGS = LoopSettings(
@@ -54,27 +52,6 @@ def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
 
 
 _counter = iter(range(10**6))
-
-
-def add_reviewed(session: Session, question: str, answer: str, route: str = ROUTE) -> None:
-    dataset = session.scalar(sa.select(Dataset).where(Dataset.name == REVIEWED_DATASET))
-    if dataset is None:
-        dataset = Dataset(name=REVIEWED_DATASET, version=1, kind=DatasetKind.TRAIN)
-        session.add(dataset)
-        session.flush()
-    conversation = [{"role": "user", "content": question}]
-    request = Request(
-        route=route, endpoint="/v1/chat/completions", prompt_text=question,
-        request_json={"model": route, "messages": conversation}, answer_text=answer, decision="hold", risk=0.8,
-    )  # fmt: skip
-    session.add(request)
-    session.flush()
-    messages = [*conversation, {"role": "assistant", "content": answer}]
-    session.add(Example(
-        dataset_id=dataset.id, messages=messages, source=ExampleSource.REVIEW, source_request_id=request.id,
-        content_hash=sha256_text(json.dumps(messages, sort_keys=True, ensure_ascii=False)),
-    ))  # fmt: skip
-    session.flush()
 
 
 def add_labels(session: Session, n: int, route: str = ROUTE, test: int = 0) -> None:
