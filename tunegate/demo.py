@@ -53,7 +53,7 @@ def demo_settings(settings: Settings, run_dir: Path, base_path: Path, kb: Path) 
         "test_share": 0.25,
         "replay_rows": 300,
         "train_max_steps": 400,
-        "train_learning_rate": 4e-3,
+        "train_learning_rate": 3e-3,
         "trigger": {"min_new_labels": 170, "quality_below": 0.0, "on_drift": False, "cooldown_s": 3600},
         "gate": {"min_effect": 0.3, "expected_discordance": 0.35, "holdout_margin": 0.05},
         # On vLLM's CPU build an adapter answers 2-5x slower than the base model (`tunegate bench lora`:
@@ -65,15 +65,27 @@ def demo_settings(settings: Settings, run_dir: Path, base_path: Path, kb: Path) 
     return type(settings).model_validate(data)
 
 
-def _calibrate(settings: Settings, domain) -> dict:
-    """`tunegate guard calibrate` on the embedded labelled grounding set (generated for the guardrails)."""
+def _calibrate(settings: Settings, domain, cache_dir: Path) -> dict:
+    """`tunegate guard calibrate` on the embedded labelled grounding set (generated for the guardrails).
+    The fit is kept beside the base model, named by a hash of the rows and the detectors, so a second
+    demo reuses it instead of running every detector over 991 rows again."""
+    import shutil as files
+
+    from core.io import sha256_text
+    from guardrails.calibration import Calibration
     from guardrails.guard import calibration_path_for, fit_calibration
     from guardrails.registry import build_detectors
 
     rows = domain.grounding_rows()
-    calibration = fit_calibration(rows, build_detectors(settings.guardrails), source="embedded grounding set")
-    calibration.save(calibration_path_for(settings.guardrails, settings.var_dir))
-    return {"rows": len(rows), "threshold": calibration.threshold}
+    key = sha256_text(json.dumps([rows, settings.guardrails.detectors], sort_keys=True))[:16]
+    cached = cache_dir / f"calibration-{key}.json"
+    target = calibration_path_for(settings.guardrails, settings.var_dir)
+    reused = cached.exists()
+    if not reused:
+        fit_calibration(rows, build_detectors(settings.guardrails), source="embedded grounding set").save(cached)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    files.copyfile(cached, target)
+    return {"rows": len(rows), "threshold": Calibration.load(target).threshold, "reused": reused}
 
 
 def _plot(acc: dict, path: Path) -> None:
@@ -157,15 +169,16 @@ def run_demo(settings: Settings, console: Console) -> dict:
     kb = write_jsonl(run_dir / "knowledge_base.jsonl", ({"text": p} for p in domain.knowledge_base.values()))
     s = demo_settings(settings, run_dir, build.path, kb)
     migrate.upgrade(s.database_url)
-    calibration = _calibrate(s, domain)
+    calibration = _calibrate(s, domain, settings.models_dir)
     console.print(
-        f"guardrails: a logistic risk over the detectors fitted on {calibration['rows']} labelled grounding "
+        f"guardrails: a logistic risk over the detectors {'(reused) ' if calibration['reused'] else ''}fitted on "
+        f"{calibration['rows']} labelled grounding "
         f"examples (threshold {calibration['threshold']:.2f}); the route holds answers from risk 0.5"
     )
     name = s.base_model.served_name
     with VllmServer(build.path, name, s.vllm, port=free_port(), log_path=out / "vllm-demo.log") as server:
         s = s.model_copy(update={"vllm": s.vllm.model_copy(update={"url": server.url})})
-        demo = DemoLoop(s, server.url, domain, console, ROUTE, N_REVIEWED_FACTS)
+        demo = DemoLoop(s, server.url, domain, console, ROUTE, N_REVIEWED_FACTS, started)
         report = demo.run()
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     _plot(report["accuracy"], out / "knowledge.png")

@@ -27,7 +27,14 @@ MAX_CANARY_ROUNDS = 12
 
 class DemoLoop:
     def __init__(
-        self, settings: Settings, vllm_url: str, domain: Domain, console: Console, route: str, n_reviewed: int
+        self,
+        settings: Settings,
+        vllm_url: str,
+        domain: Domain,
+        console: Console,
+        route: str,
+        n_reviewed: int,
+        started: float,
     ) -> None:
         self.s, self.url, self.domain, self.console, self.route = settings, vllm_url, domain, console, route
         self.rng = random.Random(settings.seed)
@@ -38,6 +45,7 @@ class DemoLoop:
         # The base model's own training data, replayed beside the reviewed labels (its pre-training set).
         self.loop.replay[route] = domain.qa_examples(domain.old_facts)
         self.report: dict = {}
+        self.started = started
         self.world: DemoWorld | None = None
 
     # --- measurement (ground truth) -------------------------------------------------------------
@@ -66,6 +74,12 @@ class DemoLoop:
         }
 
     # --- the story ------------------------------------------------------------------------------
+
+    def rule(self, title: str) -> None:
+        """A chapter of the story, with the time since the demo began (also kept in the report)."""
+        elapsed = round(time.perf_counter() - self.started, 1)
+        self.report.setdefault("chapter_started_s", {})[title.split(".")[0]] = elapsed
+        self.console.rule(f"{title} [{elapsed:.0f} s]")
 
     def say(self, text: str) -> None:
         self.console.print(text, highlight=False)
@@ -126,23 +140,22 @@ class DemoLoop:
 
     def run(self) -> dict:
         r = self.report
-        c = self.console
         with DemoWorld(self.s, self.domain, self.route) as world:
             self.world = world
-            c.rule("2. before the drift: the base model serves; reviewers fill the frozen holdout")
+            self.rule("2. before the drift: the base model serves; reviewers fill the frozen holdout")
             base = self.s.base_model.served_name
             before = self.measure(base, "before")
             r["phase_before"] = self.traffic(_old_traffic(self.domain, 200, self.rng), "old-tariff traffic")
             self.tick()
 
-            c.rule("3. the drift arrives in two waves; the guardrails hold, reviewers correct")
+            self.rule("3. the drift arrives in two waves; the guardrails hold, reviewers correct")
             first_label = time.perf_counter()
             for wave, phrasings in enumerate(([0, 1], [2, 3]), start=1):
                 questions = _wave(self.reviewed_facts, phrasings, self.domain.old_facts, 20, self.rng, f"w{wave}")
                 r[f"wave_{wave}"] = self.traffic(questions, f"wave {wave}")
                 self.tick()
 
-            c.rule("4. train, gate, canary: the loop's passes while traffic flows")
+            self.rule("4. train, gate, canary: the loop's passes while traffic flows")
             promoted = r["promoted"] = self.canary_rounds("good candidate")
             r["loop_seconds"] = round(time.perf_counter() - first_label, 1)
             good = self.adapter_of_last_job()
@@ -151,7 +164,7 @@ class DemoLoop:
             if not promoted:
                 self.say("[bold red]the candidate was not promoted[/]")
 
-            c.rule("5. a bad candidate: the same labels with their answers shuffled, through the same path")
+            self.rule("5. a bad candidate: the same labels with their answers shuffled, through the same path")
             self.file_corrupted_job()
             self.canary_rounds("bad candidate")
             bad = self.adapter_of_last_job()
@@ -161,7 +174,7 @@ class DemoLoop:
             }.get(bad.status, bad.status)
             r["bad_candidate_gate"] = self.gate_record(bad)
             r["bad_candidate_max_share"] = max([s["weight"] for s in self.canary_history(bad)] or [0.0])
-            c.rule("6. the measurement (ground truth)")
+            self.rule("6. the measurement (ground truth)")
             after_model = served_name(good, base) if good.status == AdapterStatus.ACTIVE else base
             after = self.measure(after_model, "after")
             holdout = self.holdout()
@@ -182,25 +195,25 @@ class DemoLoop:
         return r
 
     def canary_rounds(self, label: str) -> bool:
-        """Traffic in rounds with a loop pass after each, until the candidate is promoted or stopped."""
+        """Traffic in rounds with a worker's turn after each, until the newest candidate is promoted
+        (True) or stopped: rejected at the gate or rolled back (False)."""
         for round_ in range(MAX_CANARY_ROUNDS):
-            questions = _wave(
-                self.rng.sample(self.reviewed_facts, 30),
-                [self.rng.randrange(4)],
-                self.domain.old_facts,
-                30,
-                self.rng,
-                f"c{label[:3]}{round_}",
-            )
-            self.traffic(questions, f"traffic round {round_ + 1}")
-            found = self.tick()
-            outcome = found.get(f"{self.route}.canary") or []
-            gates = found.get(f"{self.route}.gate") or []
-            if "promoted" in outcome or "rolled_back" in outcome:
-                return "promoted" in outcome
-            if any(g["decision"] == "rejected" for g in gates):
-                return False
-        return False
+            status = self.status_of_last_candidate()
+            if status in (AdapterStatus.ACTIVE, AdapterStatus.REJECTED, AdapterStatus.ROLLED_BACK):
+                break
+            facts = self.rng.sample(self.reviewed_facts, 30)
+            tag = f"c{label[:3]}{round_}"
+            self.traffic(_wave(facts, [self.rng.randrange(4)], self.domain.old_facts, 30, self.rng, tag),
+                         f"traffic round {round_ + 1}")  # fmt: skip
+            self.tick()
+        return self.status_of_last_candidate() == AdapterStatus.ACTIVE
+
+    def status_of_last_candidate(self) -> str | None:
+        """The status of the adapter the newest training job produced (None while it has not run)."""
+        with self.loop.sessions() as session:
+            job = triggers.training_jobs(session, self.route)[0]
+            adapter_id = (job.result or {}).get("adapter_id")
+            return None if adapter_id is None else session.get_one(Adapter, adapter_id).status
 
     def adapter_of_last_job(self) -> Adapter:
         with self.loop.sessions() as session:
