@@ -147,7 +147,7 @@ def _events(session: Session) -> tuple[list[dict[str, Any]], list[dict[str, Any]
 
     for job in session.scalars(sa.select(Job).where(Job.kind == "train").order_by(Job.created_at, Job.id)):
         res = job.result or {}
-        label = f"{res['name']}/v{res['version']}" if res.get("name") and res.get("version") else f"train job {job.id}"
+        label = labels.get(res.get("adapter_id"), f"train job {job.id}")  # the version the job registered
         add(job.finished_at or job.created_at, label, "trained" if job.status == "succeeded" else f"train {job.status}",
             f"job {job.id} {job.status}" + (f": {job.error}" if job.error else ""))  # fmt: skip
     for row in session.scalars(
