@@ -79,7 +79,7 @@ class DemoLoop:
         """A chapter of the story, with the time since the demo began (also kept in the report)."""
         elapsed = round(time.perf_counter() - self.started, 1)
         self.report.setdefault("chapter_started_s", {})[title.split(".")[0]] = elapsed
-        self.console.rule(f"{title} [{elapsed:.0f} s]")
+        self.console.rule(f"{elapsed:.0f} s · {title}")
 
     def say(self, text: str) -> None:
         self.console.print(text, highlight=False)
@@ -142,20 +142,20 @@ class DemoLoop:
         r = self.report
         with DemoWorld(self.s, self.domain, self.route) as world:
             self.world = world
-            self.rule("2. before the drift: the base model serves; reviewers fill the frozen holdout")
+            self.rule("2. before the drift: reviewers fill the frozen holdout")
             base = self.s.base_model.served_name
             before = self.measure(base, "before")
             r["phase_before"] = self.traffic(_old_traffic(self.domain, 200, self.rng), "old-tariff traffic")
             self.tick()
 
-            self.rule("3. the drift arrives in two waves; the guardrails hold, reviewers correct")
+            self.rule("3. the drift arrives: the guardrails hold, reviewers correct")
             first_label = time.perf_counter()
             for wave, phrasings in enumerate(([0, 1], [2, 3]), start=1):
                 questions = _wave(self.reviewed_facts, phrasings, self.domain.old_facts, 20, self.rng, f"w{wave}")
                 r[f"wave_{wave}"] = self.traffic(questions, f"wave {wave}")
                 self.tick()
 
-            self.rule("4. train, gate, canary: the loop's passes while traffic flows")
+            self.rule("4. train, gate, canary, while traffic flows")
             promoted = r["promoted"] = self.canary_rounds("good candidate")
             r["loop_seconds"] = round(time.perf_counter() - first_label, 1)
             good = self.adapter_of_last_job()
@@ -164,7 +164,7 @@ class DemoLoop:
             if not promoted:
                 self.say("[bold red]the candidate was not promoted[/]")
 
-            self.rule("5. a bad candidate: the same labels with their answers shuffled, through the same path")
+            self.rule("5. a bad candidate (answers shuffled), the same path")
             self.file_corrupted_job()
             self.canary_rounds("bad candidate")
             bad = self.adapter_of_last_job()
