@@ -69,7 +69,8 @@ def _fill(session) -> None:
         Job(kind="train", status="succeeded", created_at=T0, finished_at=T0 + timedelta(minutes=30),
             result={"name": "support", "version": 2, "adapter_id": v2.id}),
         Job(kind="train", status="succeeded", created_at=T0 + timedelta(hours=2),
-            finished_at=T0 + timedelta(hours=2, minutes=30), result={"name": "support", "version": 3, "adapter_id": v3.id}),
+            finished_at=T0 + timedelta(hours=2, minutes=30),
+            result={"name": "support", "version": 3, "adapter_id": v3.id}),
     ])  # fmt: skip
     gate_v2 = {"decision": "passed", "candidate": "support/v2", "baseline": "base", "required_items": 120,
                "test": {"n": 150, "candidate_accuracy": 0.8133, "baseline_accuracy": 0.6467, "difference": 0.1667,

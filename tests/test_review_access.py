@@ -22,24 +22,24 @@ from gateway.app import create_app
 from gateway.review.outcomes import sign
 from gateway.review.service import Conflict
 
-from .test_review import db_url, hold, review_service, sessions  # noqa: F401  (fixtures)
+from .test_review import hold, review_service
 
 
-def test_two_live_keys_cannot_claim_the_same_reviewer_name(sessions):  # noqa: F811
-    with session_scope(sessions) as session:
+def test_two_live_keys_cannot_claim_the_same_reviewer_name(db_sessions):
+    with session_scope(db_sessions) as session:
         create_key(session, "alice", "reviewer")
     for role in ("reviewer", "admin"):
-        with session_scope(sessions) as session, pytest.raises(ValueError, match="already named 'alice'"):
+        with session_scope(db_sessions) as session, pytest.raises(ValueError, match="already named 'alice'"):
             create_key(session, "alice", role)
-    with session_scope(sessions) as session:
+    with session_scope(db_sessions) as session:
         create_key(session, "alice", "app")  # an app key reviews nothing: its name is no reviewer identity
         assert revoke(session, "alice") == 2
-    with session_scope(sessions) as session:
+    with session_scope(db_sessions) as session:
         create_key(session, "alice", "reviewer")  # rotation: revoke, then create
 
 
-def test_a_reviewer_holds_at_most_the_configured_number_of_leases(sessions):  # noqa: F811
-    review = review_service(sessions, max_leases_per_reviewer=2)
+def test_a_reviewer_holds_at_most_the_configured_number_of_leases(db_sessions):
+    review = review_service(db_sessions, max_leases_per_reviewer=2)
     items = [hold(review, n) for n in range(4)]
     first, second = review.claim("alice"), review.claim("alice")
     with pytest.raises(Conflict) as err:
@@ -51,16 +51,16 @@ def test_a_reviewer_holds_at_most_the_configured_number_of_leases(sessions):  # 
     assert second.id == items[1]
 
 
-def test_the_claim_route_refuses_a_lease_beyond_the_limit_in_openai_shape(db_url, tmp_path):  # noqa: F811
+def test_the_claim_route_refuses_a_lease_beyond_the_limit_in_openai_shape(migrated_db_url, tmp_path):
     settings = load_settings(
         None,
         var_dir=tmp_path,
         vllm={"url": "http://127.0.0.1:9"},
-        database={"url": db_url},
+        database={"url": migrated_db_url},
         gateway={"key_cache_s": 0},
         review={"max_leases_per_reviewer": 1},
     )
-    sessions_ = session_factory(make_engine(db_url))
+    sessions_ = session_factory(make_engine(migrated_db_url))
     with session_scope(sessions_) as session:
         key = create_key(session, "carol", "reviewer")[0]
     review = review_service(sessions_)
@@ -97,11 +97,11 @@ class Receiver:
         self.server.server_close()
 
 
-def test_webhooks_are_signed_with_the_secret_key(sessions):  # noqa: F811
+def test_webhooks_are_signed_with_the_secret_key(db_sessions):
     receiver = Receiver()
     try:
-        review = review_service(sessions, webhook_url=receiver.url)
-        review = type(review)(sessions, review.settings, secret_key=SecretStr("k3y"))
+        review = review_service(db_sessions, webhook_url=receiver.url)
+        review = type(review)(db_sessions, review.settings, secret_key=SecretStr("k3y"))
         item_id = hold(review)
         review.claim("alice")
         review.decide(item_id, "alice", "approve")
@@ -115,9 +115,9 @@ def test_webhooks_are_signed_with_the_secret_key(sessions):  # noqa: F811
     assert sign("k3y", int(timestamp), body) == expected and sign("other", int(timestamp), body) != expected
 
 
-def test_a_failed_webhook_is_logged_without_its_secret_path(sessions, caplog):  # noqa: F811
+def test_a_failed_webhook_is_logged_without_its_secret_path(db_sessions, caplog):
     url = f"http://127.0.0.1:{free_port()}/hooks/s3cr3t-path?token=abc"
-    review = review_service(sessions, webhook_url=url)
+    review = review_service(db_sessions, webhook_url=url)
     item_id = hold(review)
     review.claim("bob")
     with caplog.at_level(logging.WARNING, logger="tunegate.review"):
@@ -127,8 +127,8 @@ def test_a_failed_webhook_is_logged_without_its_secret_path(sessions, caplog):  
     assert "s3cr3t" not in caplog.text and "abc" not in caplog.text
 
 
-def test_concurrent_claims_by_one_reviewer_respect_the_limit(sessions):  # noqa: F811
-    review = review_service(sessions, max_leases_per_reviewer=2)
+def test_concurrent_claims_by_one_reviewer_respect_the_limit(db_sessions):
+    review = review_service(db_sessions, max_leases_per_reviewer=2)
     for n in range(8):
         hold(review, n)
     start_together = threading.Barrier(6)
