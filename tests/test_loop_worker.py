@@ -244,3 +244,17 @@ def test_schedule_files_one_pass_per_route_and_next_pass_only_moves_it_earlier(l
     loop.schedule(force=True)
     assert all(j.run_after is None for j in pass_jobs(loop) if j.status == JobStatus.QUEUED)
     assert counts(loop, JobStatus.QUEUED) == {"billing": 1, "support": 1}
+
+
+def test_a_paused_route_is_scored_but_not_acted_on(loops: list[Loop]) -> None:
+    from core.lifecycle import set_paused
+
+    loop = loops[0]
+    loop.schedule()
+    with session_scope(loop.sessions) as session:
+        set_paused(session, "support", True, actor="test", reason="maintenance")
+    found = loop.tick(force=True)
+    passes = {job["route"]: job for job in found["jobs"] if job["kind"] == PASS_JOB}
+    assert passes["support"]["support.paused"] is True and "score" in passes["support"]
+    assert not {"support.trigger", "support.gate", "support.canary"} & set(passes["support"])
+    assert {"billing.trigger", "billing.gate", "billing.canary"} <= set(passes["billing"])

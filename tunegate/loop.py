@@ -51,7 +51,7 @@ from core.db import (
 )
 from core.db.leases import advisory_lock
 from core.io import read_jsonl
-from core.lifecycle import active_target, route_table, seed_routes, version_label
+from core.lifecycle import active_target, is_paused, route_table, seed_routes, version_label
 from core.settings import Settings
 from core.vllm import chat_greedy, load_adapter
 from core.vocab import AdapterStatus, EvalKind, EvalStatus, JobStatus
@@ -191,6 +191,11 @@ class Loop:
         out[f"{route}.drift"] = self.step_drift(route)
         out[f"{route}.prioritise"] = self.step_prioritise(route)
         out[f"{route}.agreement"] = self.step_agreement(route)
+        with self.sessions() as session:
+            paused = is_paused(session, route)
+        if paused:  # `tunegate loop pause`: it keeps scoring and watching, it does not act
+            out[f"{route}.paused"] = True
+            return out
         out[f"{route}.trigger"] = self.step_trigger(route)
         out[f"{route}.gate"] = self.step_gate(route)
         out[f"{route}.canary"] = self.step_canary(route)
