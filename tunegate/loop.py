@@ -189,14 +189,15 @@ class Loop:
             out["score"] = batch.to_dict()
             scoring.refresh_verdicts(session)
         out[f"{route}.drift"] = self.step_drift(route)
-        out[f"{route}.prioritise"] = self.step_prioritise(route)
+        drift_now = out[f"{route}.drift"] or self.latest_drift(route)  # read once, used twice below
+        out[f"{route}.prioritise"] = self.step_prioritise(route, drift_now)
         out[f"{route}.agreement"] = self.step_agreement(route)
         with self.sessions() as session:
             paused = is_paused(session, route)
         if paused:  # `tunegate loop pause`: it keeps scoring and watching, it does not act
             out[f"{route}.paused"] = True
             return out
-        out[f"{route}.trigger"] = self.step_trigger(route)
+        out[f"{route}.trigger"] = self.step_trigger(route, drift_now)
         out[f"{route}.gate"] = self.step_gate(route)
         out[f"{route}.canary"] = self.step_canary(route)
         return out
@@ -244,30 +245,24 @@ class Loop:
             self.metrics.set_drift(route, embedding.get("auroc"), drifted, risk.get("statistic"))
         return summary
 
-    def latest_drift(self, session, route: str) -> dict | None:
-        runs = session.scalars(
-            sa.select(EvalRun).where(EvalRun.kind == EvalKind.ONLINE).order_by(EvalRun.id.desc()).limit(20)
-        ).all()
+    def latest_drift(self, route: str) -> dict | None:
+        """The route's newest drift report (a pass with too little new traffic computes none)."""
+        with self.sessions() as session:
+            runs = session.scalars(
+                sa.select(EvalRun).where(EvalRun.kind == EvalKind.ONLINE).order_by(EvalRun.id.desc()).limit(20)
+            ).all()
         return next((r.summary for r in runs if (r.summary or {}).get("route") == route), None)
 
-    def step_prioritise(self, route: str) -> dict:
+    def step_prioritise(self, route: str, drift_report: dict | None) -> dict:
         from evalsuite import prioritise
 
-        policy = (self.settings.routes.get(route) or self.settings).model_dump().get("policy") or {}
-        hold_at = policy.get("hold_at", self.settings.guardrails.policy.hold_at)
+        spec = self.settings.routes.get(route)
+        hold_at = (spec.policy if spec and spec.policy else self.settings.guardrails.policy).hold_at
         with session_scope(self.sessions) as session:
             known = [r["messages"][0]["content"] for r in self.replay.get(route, [])[:2000]]
             known += [r["messages"][0]["content"] for r in testsets.training_labels(session, route)]
-            typical = [
-                t["text"]
-                for t in (
-                    (self.latest_drift(session, route) or {})
-                    .get("drift", {})
-                    .get("embedding", {})
-                    .get("typical_drifted")
-                    or []
-                )
-            ]
+            embedding = (drift_report or {}).get("drift", {}).get("embedding", {})
+            typical = [t["text"] for t in embedding.get("typical_drifted") or []]
             result = prioritise.fill_review_queue(
                 session, route, self.settings.loop, hold_at, known, self.embed, drift_texts=typical
             )
@@ -295,7 +290,7 @@ class Loop:
                 result["refit"] = refit.to_dict()
             return result
 
-    def step_trigger(self, route: str) -> dict:
+    def step_trigger(self, route: str, drift_report: dict | None) -> dict:
         from evalsuite import scoring
 
         with session_scope(self.sessions) as session:
@@ -303,7 +298,7 @@ class Loop:
             rows = [w for w in scoring.window_quality(session, route) if active and w.adapter_version == active.label]
             scored = sum(w.n for w in rows[-3:])
             quality = _mean_quality(rows[-3:])
-            drifted = bool((self.latest_drift(session, route) or {}).get("drifted"))
+            drifted = bool((drift_report or {}).get("drifted"))
             decision = triggers.decide(session, route, self.settings.loop, quality, scored, drifted)
             if decision.fire:
                 rows_, counts = triggers.snapshot_rows(
