@@ -121,3 +121,15 @@ def vllm_server(base_model_dir, tmp_path_factory):
     server = VllmServer(base_model_dir, "base", VllmSettings(), port=free_port(), log_path=log)
     with server:
         yield server
+
+
+@pytest.fixture
+def sqlite_db_sessions(tmp_path):
+    """Sessions on a migrated SQLite database: for tests whose subject does not depend on the backend."""
+    from core.db import make_engine, session_factory, upgrade
+
+    url = f"sqlite:///{tmp_path / 'var' / 'tunegate.db'}"
+    upgrade(url)
+    engine = make_engine(url)
+    yield session_factory(engine)
+    engine.dispose()

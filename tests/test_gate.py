@@ -5,8 +5,7 @@ vLLM (the real vLLM path is tested elsewhere), so every decision below is known 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import pytest
 import sqlalchemy as sa
@@ -19,10 +18,7 @@ from core.db import (
     EvalMetric,
     EvalRun,
     Example,
-    make_engine,
-    session_factory,
     session_scope,
-    upgrade,
 )
 from core.io import last_user_text, normalise_answer
 from core.labels import REVIEWED_DATASET
@@ -40,12 +36,8 @@ GATE = GateSettings(min_effect=0.3, expected_discordance=0.4)
 
 
 @pytest.fixture
-def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path}/t.db"
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
+def factory(sqlite_db_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    return sqlite_db_sessions
 
 
 def gold(i: int) -> str:

@@ -4,7 +4,6 @@ content-hashed snapshot a training job carries."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,10 +17,7 @@ from core.db import (
     Job,
     Rollout,
     enqueue,
-    make_engine,
-    session_factory,
     session_scope,
-    upgrade,
     utcnow,
 )
 from core.io import sha256_text
@@ -43,12 +39,8 @@ SETTINGS = LoopSettings(
 
 
 @pytest.fixture
-def factory(tmp_path: Path) -> Iterator[sessionmaker[Session]]:
-    url = f"sqlite:///{tmp_path}/t.db"
-    upgrade(url)
-    engine = make_engine(url)
-    yield session_factory(engine)
-    engine.dispose()
+def factory(sqlite_db_sessions: sessionmaker[Session]) -> sessionmaker[Session]:
+    return sqlite_db_sessions
 
 
 _counter = iter(range(10**6))
