@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from core.guard_settings import GuardrailSettings, PolicySettings
 from core.loop_settings import LoopSettings
 
 ENV_PREFIX = "TUNEGATE_"
@@ -109,43 +110,6 @@ class RouteTarget(_Section):
         if version != "latest" and not (version.startswith("v") and version[1:].isdigit()):
             raise ValueError("use `latest` or a registry version such as `v3`")
         return version
-
-
-class PolicySettings(_Section):
-    """Risk thresholds: below `annotate_at` allow; then annotate; from `hold_at` hold for review;
-    from `block_at` block. A threshold above 1 switches that action off."""
-
-    annotate_at: float = Field(0.4, ge=0, description="Risk from which the answer carries its risk and evidence.")
-    hold_at: float = Field(0.75, ge=0, description="Risk from which the answer waits for a reviewer (202).")
-    block_at: float = Field(1.01, ge=0, description="Risk from which the answer is refused outright.")
-
-    @model_validator(mode="after")
-    def _ordered(self) -> PolicySettings:
-        if not self.annotate_at <= self.hold_at <= self.block_at:
-            raise ValueError("thresholds must satisfy `annotate_at` <= `hold_at` <= `block_at`")
-        return self
-
-
-class GuardrailSettings(_Section):
-    enabled: bool = Field(True, description="Score answers and apply the route's policy.")
-    detectors: list[str] = Field(
-        default_factory=lambda: ["grounding", "embedding", "uncertainty"],
-        description="Detectors to run, by registry name.",
-    )
-    calibration_path: Path | None = Field(
-        None,
-        description="Fitted risk model (`tunegate guard calibrate`); default `<var_dir>/guardrails/calibration.json`.",
-    )
-    nli_model_path: Path | None = Field(None, description="Local folder of an NLI / hallucination classifier.")
-    judge_url: str | None = Field(
-        None, repr=False, description="OpenAI-compatible endpoint of an LLM judge (password, key masked)."
-    )
-    judge_model: str | None = Field(None, description="Model name the judge endpoint serves.")
-    judge_api_key: str | None = Field(
-        None, repr=False, json_schema_extra=_SECRET, description="Key for the judge endpoint (a secret)."
-    )
-    consistency_samples: int = Field(0, ge=0, le=8, description="Extra samples asked of vLLM for self-consistency.")
-    policy: PolicySettings = Field(default_factory=PolicySettings, description="Policy of routes without their own.")
 
 
 class ReviewSettings(_Section):
@@ -296,6 +260,12 @@ class Settings(BaseSettings):
                 "`secret_key` still has its development default; set TUNEGATE_SECRET_KEY "
                 "before running with environment=production"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _grounding_model_under_var_dir(self) -> Settings:  # where `tunegate guard train-detector` points
+        guardrails = self.guardrails
+        guardrails.grounding_model_path = guardrails.grounding_model_path or self.models_dir / "grounding-current"
         return self
 
     @property
