@@ -9,16 +9,25 @@ and `guardrails.types` (detector modules lazily).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection
 
 from core.settings import GuardrailSettings
 from guardrails.types import Detector
 
+logger = logging.getLogger(__name__)
 Factory = Callable[[GuardrailSettings], Detector]
 
 
 class RegistryError(ValueError):
     """A duplicate name, an unknown name or a detector its settings cannot build."""
+
+
+class DetectorUnavailable(RegistryError):
+    """A configured detector whose model is not built (yet): the guard runs without it and says so once."""
+
+
+_said: set[str] = set()  # what `build_detectors` has already said about unavailable detectors
 
 
 class Registry:
@@ -83,6 +92,20 @@ def _nli(settings: GuardrailSettings) -> Detector:
     return NLIDetector(settings.nli_model_path)
 
 
+def _grounding_model(settings: GuardrailSettings) -> Detector:
+    from pathlib import Path
+
+    path = settings.grounding_model_path or Path("var/models/grounding-current")
+    if not (Path(path) / "recipe.json").is_file():
+        raise DetectorUnavailable(
+            f"detector `grounding_model` is not built ({path} holds no model): the guard runs without it; "
+            "build it with `tunegate guard train-detector`"
+        )
+    from guardrails.detectors.grounding_model import GroundingModelDetector
+
+    return GroundingModelDetector(path, budget_ms=settings.check_budget_ms)
+
+
 def _judge(settings: GuardrailSettings) -> Detector:
     from guardrails.detectors.judge import JudgeDetector
 
@@ -99,6 +122,7 @@ def default_registry() -> Registry:
     registry.register("uncertainty", _uncertainty, "token probabilities and entropy from vLLM logprobs")
     registry.register("consistency", _consistency, "agreement with extra samples (exact match, token F1)")
     registry.register("nli", _nli, "a local NLI / hallucination classifier")
+    registry.register("grounding_model", _grounding_model, "a MiniLM token classifier: each claim against the context")
     registry.register("judge", _judge, "an LLM judge behind an OpenAI-compatible endpoint")
     return registry
 
@@ -107,10 +131,21 @@ def build_detectors(
     settings: GuardrailSettings, registry: Registry | None = None, only: Collection[str] | None = None
 ) -> dict[str, Detector]:
     """The detectors `settings.detectors` names, built, in that order. With `only`, just those of them
-    are built: the others are checked to be known names, but a model nobody reads is never loaded."""
+        are built: the others are checked to be known names, but a model nobody reads is never loaded. A
+    detector whose model is not built (`DetectorUnavailable`) is left out, with one warning per process."""
     registry = registry or default_registry()
     if len(set(settings.detectors)) != len(settings.detectors):
         raise RegistryError(f"`guardrails.detectors` names a detector twice: {settings.detectors}")
     for name in settings.detectors:
         registry.check(name)
-    return {name: registry.build(name, settings) for name in settings.detectors if only is None or name in only}
+    built = {}
+    for name in settings.detectors:
+        if only is not None and name not in only:
+            continue
+        try:
+            built[name] = registry.build(name, settings)
+        except DetectorUnavailable as err:
+            if str(err) not in _said:  # once per process, not once per guard
+                _said.add(str(err))
+                logger.warning("%s", err)
+    return built
