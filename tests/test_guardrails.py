@@ -168,7 +168,15 @@ def test_registry_duplicate_and_unknown_names_are_errors():
         registry.register("grounding", lambda s: grounding)
     with pytest.raises(RegistryError, match="unknown detector `nope`"):
         build_detectors(GuardrailSettings(detectors=["nope"]), registry)
-    assert default_registry().names() == ["grounding", "embedding", "uncertainty", "consistency", "nli", "judge"]
+    assert default_registry().names() == [
+        "grounding",
+        "embedding",
+        "uncertainty",
+        "consistency",
+        "nli",
+        "grounding_model",
+        "judge",
+    ]
 
 
 def test_build_detectors_in_order_and_checks_what_they_need():
@@ -421,3 +429,36 @@ def test_guard_calibrate_and_bench_guard_commands(tmp_path, grounding_rows):
 
     missing = runner.invoke(app, ["guard", "calibrate", "--data", str(tmp_path / "nope.jsonl")])
     assert missing.exit_code == 2
+
+
+def test_bench_guard_measures_several_data_sets_with_hold_rate_spans_and_provenance(tmp_path, grounding_rows):
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app
+
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in grounding_rows[:120]))
+    # the second carries gold spans: the whole answer where hallucinated, none where not
+    marked = [{**r, "spans": [[0, len(r["answer"])]] if r["hallucinated"] else []} for r in grounding_rows[120:240]]
+    second.write_text("".join(json.dumps(r) + "\n" for r in marked))
+    config = tmp_path / "tunegate.yaml"
+    config.write_text(f"var_dir: {tmp_path / 'var'}\nguardrails:\n  detectors: [grounding, uncertainty]\n")
+    out = tmp_path / "bench"
+    args = ["bench", "guard", "--data", str(first), "--data", str(second), "--calibrate", str(first)]
+    result = CliRunner().invoke(app, [*args, "--config", str(config), "--json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert list(report["datasets"]) == ["first", "second"]
+    for name, rows in (("first", grounding_rows[:120]), ("second", marked)):
+        one = report["datasets"][name]
+        assert one["n"] == 120 and one["true_rate"] == round(sum(r["hallucinated"] for r in rows) / 120, 4)
+        assert 0.0 <= one["hold_rate"] <= 1.0 and one["runs"]["plan"]["hold_rate"] == one["hold_rate"]
+        assert one["provenance"]["detectors_trained_on"] == {"grounding": None, "uncertainty": None}
+    assert report["datasets"]["first"]["provenance"]["measured_rows_in_calibration"] == 120
+    assert report["datasets"]["second"]["provenance"]["measured_rows_in_calibration"] == 0
+    assert report["datasets"]["first"]["span"] is None
+    span = report["datasets"]["second"]["span"]
+    assert span["rows"] == 120 and span["gold_chars"] == sum(len(r["answer"]) for r in marked if r["hallucinated"])
+    assert 0.0 <= span["f1"] <= 1.0 and set(span["by_detector"]) == {"grounding", "uncertainty"}
+    stem = "guard_first+second_cal-first"
+    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.png"]
