@@ -1,27 +1,47 @@
-"""The hallucination guardrail, measured: `tunegate bench guard --data FILE.jsonl [--calibrate DEV.jsonl]`.
+"""The hallucination guardrail, measured: `tunegate bench guard --data FILE.jsonl [--data ...] [--calibrate DEV]`.
 
 Runs the configured detectors (grounding, embedding, uncertainty; `guardrails.detectors` decides) on
 labelled rows `{knowledge, question, answer, hallucinated}` through `Guard.check`, on ONE CPU core
 (`torch.set_num_threads(1)`), twice in one run on the same rows: `all` (every configured detector,
 `Guard(only_weighted=False)`) and `plan` (only the detectors the risk model weighs, what the gateway
-runs). For each: balanced accuracy, AUROC and F1 of "risk >= threshold" against the labels, and the
+runs). For each: balanced accuracy, AUROC and F1 of "risk >= threshold" against the labels,
+`hold_rate` (the share of rows with risk >= the threshold: what the guard would hold) and the
 latency per check (p50, p95, p99), separately for checks whose context was seen before in the run
 (`repeated_context`) and for the first check of each context (`new_context`: the detectors' caches
 are cleared before each run, so that passage is new to them). `risk_identical` says whether the plan
 gave exactly the risks of the full run (it must: the skipped detectors have no weight). The top-level
-metrics and latencies are the plan's. `measured_on` names the data (path, SHA-256, the heading of a
-README.md beside it) and whether, and how, its rows were used for the calibration.
+metrics and latencies are the plan's, beside `true_rate` (the share of rows labelled hallucinated).
+`measured_on` names the data (path, SHA-256, the heading of a README.md beside it) and whether, and
+how, its rows were used for the calibration.
+
+`span` (null when no row has a `spans` key): where rows carry `spans` (gold `[start, end)` character
+offsets into `answer` of the hallucinated parts), the character-level precision, recall and F1 of
+the unsupported spans the guard reports (`RiskReport.unsupported_spans()` of the plan run), micro-
+averaged over the characters of the `rows` that have the key (an empty list: nothing hallucinated);
+`by_detector` scores each detector's own `unsupported_spans` (from the `all` run, so every configured
+detector is there). The spans are scored whatever the risk (not only on held answers).
+
+`provenance`: what the numbers rest on. `calibrated_on` and `measured_rows_in_calibration` (as in
+`measured_on`), and `detectors_trained_on`: per detector, null for one with no trained model of ours
+(rule-based, or off-the-shelf weights), else the model's folder, its training data's hash and row
+count (`recipe.json`), the training files (`trained_on` of its `metrics.json`) and
+`measured_rows_in_training`: how many measured rows (by knowledge, question and answer) occur in
+those files (null when a file is missing: `missing` lists them).
 
 Protocols (the output's `protocol` says which one ran):
-- `--calibrate DEV.jsonl`: the calibrated risk (weights and threshold) is fitted on DEV only, then
-  measured on `--data`;
-- `--folds K`: grouped K-fold cross-validation on `--data` (rows sharing a context stay in one fold):
-  fitted on K-1 folds, measured on the held-out one; each fold's calibration makes its own plan;
+- `--calibrate DEV.jsonl`: the calibrated risk (weights and threshold) is fitted on DEV only, once,
+  then measured on each `--data`;
+- `--folds K`: grouped K-fold cross-validation within each `--data` (rows sharing a context stay in one
+  fold): fitted on K-1 folds, measured on the held-out one; each fold's calibration makes its own plan;
 - neither: the calibration file given (`--calibration`, else the settings' one), or the documented
   default combination when there is none.
 
-Prints one JSON object; writes `guard_<data>[_cv<K>|_cal-<DEV>].json` and `.png` (ROC curve and the
-latency histograms of both runs) to `--out`. Run: `python -m bench.guard --data FILE.jsonl`.
+Several `--data`: each is measured on its own with the same protocol, and the output is
+`{"datasets": {<file stem>: <that data's result, the one-data shape>}, "plot": ..., ...}`.
+
+Prints one JSON object; writes `guard_<data>[+<data2>...][_cv<K>|_cal-<DEV>].json` and `.png` (one ROC
+curve per data set; the latency histograms of both runs, every data set's checks together) to `--out`.
+Run: `python -m bench.guard --data FILE.jsonl [--data MORE.jsonl]`.
 """
 
 from __future__ import annotations
@@ -31,21 +51,25 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from bench.guard_provenance import measured_on, provenance, row_key, span_scores, training_sets
 
 DEFAULT_OUT = Path("bench/out/guard")
 
 
-def _metrics(labels: list[bool], risks: list[float], predicted: list[bool]) -> dict[str, float]:
+def _metrics(labels: list[bool], risks: list[float], predicted: list[bool]) -> dict[str, float | None]:
     from sklearn.metrics import balanced_accuracy_score, f1_score, precision_score, recall_score, roc_auc_score
 
+    both = any(labels) and not all(labels)  # AUROC needs both classes
     return {
         "balanced_accuracy": round(float(balanced_accuracy_score(labels, predicted)), 4),
-        "auroc": round(float(roc_auc_score(labels, risks)), 4),
-        "f1": round(float(f1_score(labels, predicted)), 4),
+        "auroc": round(float(roc_auc_score(labels, risks)), 4) if both else None,
+        "f1": round(float(f1_score(labels, predicted, zero_division=0)), 4),
         "precision": round(float(precision_score(labels, predicted, zero_division=0)), 4),
-        "recall": round(float(recall_score(labels, predicted)), 4),
+        "recall": round(float(recall_score(labels, predicted, zero_division=0)), 4),
     }
 
 
@@ -65,7 +89,10 @@ def _latency(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _plot(path: Path, labels: list[bool], risks: list[float], runs: dict[str, list[float]], title: str) -> None:
+def _plot(
+    path: Path, curves: list[tuple[str, list[bool], list[float]]], runs: dict[str, list[float]], title: str
+) -> None:
+    """One ROC curve per `(name, labels, risks)` on the left; the latency histogram of each run on the right."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -73,19 +100,24 @@ def _plot(path: Path, labels: list[bool], risks: list[float], runs: dict[str, li
     import numpy as np
     from sklearn.metrics import roc_auc_score, roc_curve
 
-    fpr, tpr, _ = roc_curve(labels, risks)
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax1.plot(fpr, tpr, label=f"AUROC {roc_auc_score(labels, risks):.3f}")
+    for name, labels, risks in curves:
+        if any(labels) and not all(labels):  # one class only: no curve
+            fpr, tpr, _ = roc_curve(labels, risks)
+            ax1.plot(fpr, tpr, label=f"{name}: AUROC {roc_auc_score(labels, risks):.3f}")
     ax1.plot([0, 1], [0, 1], ls=":", c="grey")
     ax1.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC of the calibrated risk")
-    ax1.legend(loc="lower right")
+    ax1.legend(loc="lower right", fontsize=8)
     every = [t for timings in runs.values() for t in timings]
-    bins = np.geomspace(max(min(every), 1e-3), max(every), 60)
+    bins = np.geomspace(max(min(every), 1e-3), max(max(every), 2e-3), 60)
     for (name, timings), colour in zip(runs.items(), ("tab:grey", "tab:orange"), strict=False):
         p50 = statistics.median(timings)
         ax2.hist(timings, bins=bins, color=colour, alpha=0.6, label=f"{name}: p50 {p50:.2f} ms")
         ax2.axvline(p50, c=colour, ls="--")
-    ax2.set(xscale="log", xlabel="ms per check (1 CPU core)", ylabel="checks", title="latency of Guard.check")
+    scope = "every data set's checks" if len(curves) > 1 else "every check"
+    ax2.set(
+        xscale="log", xlabel="ms per check (1 CPU core)", ylabel="checks", title=f"latency of Guard.check ({scope})"
+    )
     ax2.legend()
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -93,32 +125,22 @@ def _plot(path: Path, labels: list[bool], risks: list[float], runs: dict[str, li
     plt.close(fig)
 
 
-def _row_key(row: dict[str, Any]) -> tuple[str, str, str]:
-    return (str(row.get("knowledge", row.get("context")) or ""), str(row.get("question", "")), str(row["answer"]))
+def _fit_dev(calibrate: Path, detectors) -> tuple[Any, set, float]:
+    """The risk model fitted on DEV (once for every data set), DEV's row keys, and the fitting time."""
+    from guardrails.calibration import read_labelled
+    from guardrails.guard import fit_calibration
+
+    started = time.perf_counter()
+    dev = read_labelled(calibrate)
+    model = fit_calibration(dev, detectors, source=str(calibrate))
+    return model, {row_key(r) for r in dev}, time.perf_counter() - started
 
 
-def _measured_on(data: Path, rows: list[dict[str, Any]], calibrated_on: str | None, overlap: int | None) -> dict:
-    """What the numbers were measured on, and whether those rows were used for the calibration."""
-    from core.io import sha256_file
-
-    readme = Path(data).parent / "README.md"
-    lines = [ln for ln in readme.read_text().splitlines() if ln.strip()] if readme.exists() else []
-    return {
-        "path": str(data),
-        "sha256": sha256_file(data),
-        "description": lines[0].lstrip("# ").strip() if lines else None,  # the README's heading
-        "rows": len(rows),
-        "contexts": len({_row_key(r)[0] for r in rows}),
-        "calibrated_on": calibrated_on,
-        "measured_rows_in_calibration": overlap,  # None: not known (a calibration file fitted elsewhere)
-    }
-
-
-def _risk_models(data, rows, labels, detectors, calibrate, calibration, folds):
+def _risk_models(data, rows, labels, detectors, calibrate, dev_fit, calibration, folds):
     """The risk model(s), the index of the one that scores each row, the protocol in words, where it
     was fitted, how many measured rows it saw, and the fitting time."""
-    from guardrails.calibration import Calibration, DefaultCombination, feature_vector, read_labelled
-    from guardrails.guard import check_input, fit_calibration, run_detectors
+    from guardrails.calibration import Calibration, DefaultCombination, feature_vector
+    from guardrails.guard import check_input, run_detectors
 
     started = time.perf_counter()
     if folds and folds > 1:
@@ -136,11 +158,10 @@ def _risk_models(data, rows, labels, detectors, calibrate, calibration, folds):
         return models, row_model, protocol, f"{data}, the other {folds - 1} folds", 0, time.perf_counter() - started
     row_model = [0] * len(rows)
     if calibrate:
-        dev = read_labelled(calibrate)
-        model: Any = fit_calibration(dev, detectors, source=str(calibrate))
-        overlap = len({_row_key(r) for r in rows} & {_row_key(r) for r in dev})
+        model, dev_keys, fit_s = dev_fit
+        overlap = len({row_key(r) for r in rows} & dev_keys)
         protocol = f"calibrated on {calibrate} only, measured on {data}"
-        return [model], row_model, protocol, str(calibrate), overlap, time.perf_counter() - started
+        return [model], row_model, protocol, str(calibrate), overlap, fit_s
     if calibration and Path(calibration).exists():
         model = Calibration.load(calibration)
         source = model.trained_on.get("source") or "?"
@@ -174,6 +195,7 @@ def _summary(labels: list[bool], run: dict[str, list], thresholds: list[float], 
     return {
         "detectors": list(dict.fromkeys(n for g in guards for n in g.active)),
         **_metrics(labels, run["risks"], predicted),
+        "hold_rate": round(sum(predicted) / len(predicted), 4),
         "latency": {
             "all_checks": _latency(ms),
             "repeated_context": _latency([t for t, n in zip(ms, new, strict=True) if not n]),
@@ -182,33 +204,25 @@ def _summary(labels: list[bool], run: dict[str, list], thresholds: list[float], 
     }
 
 
-def run(
+def _run_one(
     data: Path,
-    out: Path = DEFAULT_OUT,
-    calibrate: Path | None = None,
-    calibration: Path | None = None,
-    folds: int = 0,
-    settings: Any = None,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """Measure the guard on `data`, all detectors and the plan; see the module docstring."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    from core.settings import GuardrailSettings
+    settings: Any,
+    detectors: dict[str, Any],
+    calibrate: Path | None,
+    dev_fit: tuple | None,
+    calibration: Path | None,
+    folds: int,
+    trained: Mapping[str, dict[str, Any] | None],
+    threads: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One data set measured: its result (the one-data JSON, less `plot`) and what the plot needs."""
     from guardrails.calibration import Calibration, feature_vector, read_labelled
     from guardrails.guard import Guard, check_input
-    from guardrails.registry import build_detectors
 
-    torch.set_num_threads(threads)
-    settings = settings or GuardrailSettings()
-    if calibrate and folds:
-        raise ValueError("use `--calibrate` or `--folds`, not both")
     rows = read_labelled(data)
     labels = [bool(r["hallucinated"]) for r in rows]
-    detectors = build_detectors(settings)
     models, row_model, protocol, calibrated_on, overlap, fit_s = _risk_models(
-        data, rows, labels, detectors, calibrate, calibration, folds
+        data, rows, labels, detectors, calibrate, dev_fit, calibration, folds
     )
     thresholds = [float(models[k].threshold) for k in row_model]
     every = [Guard(settings, detectors=detectors, risk_model=m, only_weighted=False) for m in models]
@@ -242,11 +256,15 @@ def run(
     p = summaries["plan"]
     result: dict[str, Any] = {
         "data": str(data),
-        "measured_on": _measured_on(data, rows, calibrated_on, overlap),
+        "measured_on": measured_on(data, rows, calibrated_on, overlap),
+        "provenance": provenance(rows, calibrated_on, overlap, trained),
         "protocol": protocol,
         "n": len(rows),
         "hallucinated": int(sum(labels)),
+        "true_rate": round(sum(labels) / len(labels), 4),
+        "hold_rate": p["hold_rate"],
         **{k: p[k] for k in ("balanced_accuracy", "auroc", "f1", "precision", "recall")},
+        "span": span_scores(rows, runs["plan"]["reports"], runs["all"]["reports"]),
         "threshold": round(statistics.fmean(float(m.threshold) for m in models), 4),
         "p50_ms": p["latency"]["all_checks"]["p50_ms"],
         "p95_ms": p["latency"]["all_checks"]["p95_ms"],
@@ -268,23 +286,96 @@ def run(
         "weights": shown.weights() if isinstance(shown, Calibration) else shown.weights,
         "calibration_fit_s": round(fit_s, 1),
     }
+    return result, {"labels": labels, "risks": runs["plan"]["risks"], "ms": {n: r["ms"] for n, r in runs.items()}}
+
+
+def _names(paths: list[Path]) -> list[str]:
+    """The data sets' keys: their file stems, made unique (`stem`, `stem-2`, ...)."""
+    names: list[str] = []
+    for p in paths:
+        name, k = p.stem, 1
+        while name in names:
+            k += 1
+            name = f"{p.stem}-{k}"
+        names.append(name)
+    return names
+
+
+def run(
+    data: Path | list[Path],
+    out: Path = DEFAULT_OUT,
+    calibrate: Path | None = None,
+    calibration: Path | None = None,
+    folds: int = 0,
+    settings: Any = None,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Measure the guard on `data` (one file or several), all detectors and the plan; see the module docstring."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from core.settings import GuardrailSettings
+    from guardrails.registry import build_detectors
+
+    paths = [Path(data)] if isinstance(data, str | Path) else [Path(p) for p in data]
+    if not paths:
+        raise ValueError("no data to measure on: give `--data` at least once")
+    if calibrate and folds:
+        raise ValueError("use `--calibrate` or `--folds`, not both")
+    torch.set_num_threads(threads)
+    settings = settings or GuardrailSettings()
+    detectors = build_detectors(settings)
+    dev_fit = _fit_dev(calibrate, detectors) if calibrate and not (folds and folds > 1) else None
+    trained = training_sets(detectors)
+    names = _names(paths)
+    results, curves = {}, {}
+    for name, path in zip(names, paths, strict=True):
+        results[name], curves[name] = _run_one(
+            path, settings, detectors, calibrate, dev_fit, calibration, folds, trained, threads
+        )
+
     out.mkdir(parents=True, exist_ok=True)
     suffix = f"_cv{folds}" if folds and folds > 1 else f"_cal-{Path(calibrate).stem}" if calibrate else ""
-    stem = f"guard_{Path(data).stem}{suffix}"
+    stem = f"guard_{'+'.join(names)}{suffix}"
+    plot = out / f"{stem}.png"
+    ms = {run_name: [t for c in curves.values() for t in c["ms"][run_name]] for run_name in ("all", "plan")}
+    rocs = [(name, c["labels"], c["risks"]) for name, c in curves.items()]
+    if len(paths) == 1:
+        result = results[names[0]]
+        p50_all = result["runs"]["all"]["latency"]["all_checks"]["p50_ms"]
+        title = (
+            f"{paths[0].name}: {result['protocol']}\n"
+            f"BA {result['balanced_accuracy']}; p50 {p50_all} ms all, {result['p50_ms']} ms plan"
+        )
+    else:
+        for r in results.values():
+            r["plot"] = str(plot)
+        result = {
+            "datasets": results,
+            "protocol": (
+                f"grouped {folds}-fold cross-validation within each data set"
+                if folds and folds > 1
+                else f"calibrated on {calibrate} only"
+                if calibrate
+                else next(iter(results.values()))["protocol"]
+            ),
+            "threads": threads,
+        }
+        title = "; ".join(f"{n}: BA {r['balanced_accuracy']}" for n, r in results.items()) + f"\n{result['protocol']}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    p50_all, p50_plan = summaries["all"]["latency"]["all_checks"]["p50_ms"], result["p50_ms"]
-    title = f"{Path(data).name}: {protocol}\nBA {result['balanced_accuracy']}; p50 {p50_all} ms all, {p50_plan} ms plan"
-    _plot(out / f"{stem}.png", labels, runs["plan"]["risks"], {n: r["ms"] for n, r in runs.items()}, title)
-    result["plot"] = str(out / f"{stem}.png")
+    _plot(plot, rocs, ms, title)
+    result["plot"] = str(plot)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", type=Path, required=True, help="Labelled JSONL to measure on.")
+    parser.add_argument(
+        "--data", type=Path, action="append", required=True, help="Labelled JSONL to measure on (repeatable)."
+    )
     parser.add_argument("--calibrate", type=Path, help="Labelled JSONL to fit weights and threshold on (only).")
     parser.add_argument("--calibration", type=Path, help="A calibration file to use instead.")
-    parser.add_argument("--folds", type=int, default=0, help="Grouped K-fold cross-validation on --data.")
+    parser.add_argument("--folds", type=int, default=0, help="Grouped K-fold cross-validation within each --data.")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="Folder for the JSON and plot.")
     args = parser.parse_args(argv)
     print(json.dumps(run(args.data, args.out, args.calibrate, args.calibration, args.folds)))

@@ -85,11 +85,11 @@ def bench_gateway(ctx: typer.Context, json_out: JsonOption = False) -> None:
 
 @bench_app.command("guard")
 def bench_guard(
-    data: Annotated[Path, typer.Option(help="Labelled JSONL to measure on.")],
+    data: Annotated[list[Path], typer.Option(help="Labelled JSONL to measure on (repeatable: one result each).")],
     calibrate: Annotated[
         Path | None, typer.Option(help="Fit weights and threshold on this labelled JSONL only.")
     ] = None,
-    folds: Annotated[int, typer.Option(help="Grouped K-fold cross-validation on `--data` instead.")] = 0,
+    folds: Annotated[int, typer.Option(help="Grouped K-fold cross-validation within each `--data` instead.")] = 0,
     config: ConfigOption = None,
     json_out: JsonOption = False,
     out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/guard"),
@@ -100,7 +100,7 @@ def bench_guard(
     from guardrails.guard import calibration_path_for
 
     settings = settings_or_exit(config)
-    missing = [str(p) for p in (data, calibrate) if p is not None and not p.exists()]
+    missing = [str(p) for p in (*data, calibrate) if p is not None and not p.exists()]
     if missing:
         raise fail(f"file(s) not found: {', '.join(missing)}")
     if calibrate and folds:
@@ -114,6 +114,36 @@ def bench_guard(
             folds=folds,
             settings=settings.guardrails,
         )
+    except CalibrationError as err:
+        raise fail(str(err)) from None
+    _report(result, json_out, result["plot"])
+
+
+@bench_app.command("guard-learning")
+def bench_guard_learning(
+    data: Annotated[Path, typer.Option(help="Labelled JSONL, split by context: evaluation and reviewed pool.")] = Path(
+        "../shared/data/ragtruth-qa-dev/ragtruth_qa_dev.jsonl"
+    ),
+    calibrate: Annotated[Path, typer.Option(help="The cold start's calibration data.")] = Path(
+        "../shared/data/halueval-qa-dev/halueval_qa_dev.jsonl"
+    ),
+    draws: Annotated[int, typer.Option(help="Random draws of reviewed items per size.")] = 3,
+    config: ConfigOption = None,
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/guard"),
+) -> None:
+    """The guard's learning curve: balanced accuracy against reviewed items (re-fit and fine-tune)."""
+    from bench.guard_learning import run
+    from guardrails.calibration import CalibrationError
+
+    settings = settings_or_exit(config)
+    missing = [str(p) for p in (data, calibrate) if not p.exists()]
+    if missing:
+        raise fail(f"file(s) not found: {', '.join(missing)}")
+    if draws < 1:
+        raise fail("`--draws` must be at least 1")
+    try:
+        result = run(data, calibrate, out, settings=settings.guardrails, draws=draws)
     except CalibrationError as err:
         raise fail(str(err)) from None
     _report(result, json_out, result["plot"])
