@@ -302,7 +302,9 @@ def fine_tune(
     so rows without `spans` teach through the answer loss."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForTokenClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # loading and saving bars: the caller shows its own progress
     meta = json.loads((Path(path) / "recipe.json").read_text())
     recipe = Recipe.from_dict({**meta["recipe"], "epochs": epochs, "learning_rate": learning_rate})
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -462,3 +462,25 @@ def test_bench_guard_measures_several_data_sets_with_hold_rate_spans_and_provena
     assert 0.0 <= span["f1"] <= 1.0 and set(span["by_detector"]) == {"grounding", "uncertainty"}
     stem = "guard_first+second_cal-first"
     assert sorted(p.name for p in out.iterdir()) == [f"{stem}.json", f"{stem}.png"]
+
+
+def test_bench_guard_learning_curve_never_fits_on_its_evaluation_split(tmp_path, grounding_rows):
+    from bench.guard_learning import run, split_by_context
+
+    rows = grounding_rows[:240]
+    evaluation, pool = split_by_context(rows, 1 / 3, seed=0)
+    assert sorted(evaluation + pool) == list(range(len(rows)))
+    contexts = {i: rows[i].get("qid") or rows[i]["knowledge"] for i in range(len(rows))}
+    assert not {contexts[i] for i in evaluation} & {contexts[i] for i in pool}  # whole contexts on one side
+    data, dev = tmp_path / "route.jsonl", tmp_path / "cold.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dev.write_text("".join(json.dumps(r) + "\n" for r in grounding_rows[240:400]))
+    settings = GuardrailSettings(detectors=["grounding"])
+    result = run(data, dev, tmp_path / "out", settings=settings, sizes=(0, 20, 1000), draws=2)
+    assert result["eval_rows"] == len(evaluation) and result["pool_rows"] == len(pool)
+    assert result["reviewed_used"] == {"20": 20, "1000": len(pool)}  # capped at the pool, and says so
+    refit = result["curve"]["refit"]
+    assert list(refit) == ["0", "20", "1000"] and refit["20"]["draws"] == 2
+    assert all(0.0 <= p["balanced_accuracy"] <= 1.0 and 0.0 <= p["hold_rate"] <= 1.0 for p in refit.values())
+    assert result["curve"]["fine_tune"] == {"0": refit["0"]}  # no grounding model configured: nothing to tune
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["guard_learning.json", "guard_learning.png"]
