@@ -105,6 +105,17 @@ def test_grounding_unsupported_entity_and_words():
     assert wrong_code.score > 0.5
 
 
+def test_grounding_counts_on_a_log_scale_keep_growing_where_the_saturating_count_stops():
+    logs = ("unsupported_log", "numbers_log", "entities_log", "worst_sentence_log")
+    supported = grounding(inp("The monthly standing charge of T417 is 12.40 EUR.")).evidence["features"]
+    assert all(supported[k] == 0.0 for k in logs)
+    invented = [f"Zorbic{i} glimmers near Quux{i} at {i}.5 kelvin." for i in range(1, 9)]
+    few, many = (grounding(inp(" ".join(invented[:n]))).evidence["features"] for n in (2, 8))
+    assert few["count"] == pytest.approx(many["count"], abs=1e-3)  # saturated: 8 sentences look like 2
+    assert all(0.0 < few[k] < many[k] <= 1.0 for k in ("unsupported_log", "numbers_log", "entities_log"))
+    assert few["worst_sentence_log"] == pytest.approx(many["worst_sentence_log"])  # the worst sentence alone
+
+
 def test_grounding_stitched_facts_raise_scatter():
     context = "Cooking Light is a food magazine founded in 1987. Hot Rod is a car magazine from Los Angeles."
     right = grounding(inp("Cooking Light was founded in 1987.", context, "Which magazine was founded in 1987?"))
