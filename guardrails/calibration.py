@@ -18,6 +18,12 @@ dataset artefacts, e.g. that on HaluEval a short answer (low embedding similarit
 
 Classes are weighted to balance, and `threshold` is the risk that maximises balanced accuracy on the
 training rows (the middle of the best range), so "risk >= threshold" is the fitted decision.
+
+A detector must earn its place (`prune`): after the fit, whole detectors are left out one at a time,
+the one whose absence costs least first, while 5-fold cross-validated balanced accuracy on the fit rows
+stays within `PRUNE_TOLERANCE` of the best reached (listed in `pruned`; the guard then neither loads nor
+runs them). Measured with the learned grounding model (15 ms a check on HaluEval QA, nothing gained in
+balanced accuracy on any dev set): without this the plan ran it on every request.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from guardrails.types import DetectorResult
 
 VERSION = 1
 OTHER_WEIGHT = 0.1  # the default combination's weight of a detector it does not name
+PRUNE_TOLERANCE = 0.002  # balanced accuracy a detector must add (cross-validated) to be kept
+PRUNE_MIN_ROWS = 60  # fewer rows (or fewer than 10 of a class): no pruning, the estimate is too noisy
 Features = dict[str, float | None]
 
 
@@ -74,6 +82,7 @@ class Calibration:
     threshold: float
     unseen: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # value features the monotone constraint removed
+    pruned: list[str] = field(default_factory=list)  # detectors left out: they added no accuracy
     trained_on: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
 
@@ -166,8 +175,17 @@ class Calibration:
         C: float = 1.0,
         features: Sequence[str] | None = None,
         source: str = "",
+        prune: bool = True,
     ) -> Calibration:
-        """Fit on feature vectors (`feature_vector(results)` per row) and hallucination labels."""
+        """Fit on feature vectors (`feature_vector(results)` per row) and hallucination labels; with
+        `prune`, detectors that add no cross-validated accuracy are left out (module docstring)."""
+        if prune:
+            names = list(features) if features is not None else sorted({k for v in vectors for k in v})
+            kept, pruned = _prune(vectors, labels, C, names)
+            fitted = cls.fit(vectors, labels, C, kept, source, prune=False)
+            fitted.pruned = pruned
+            fitted.trained_on["pruned"] = pruned
+            return fitted
         import numpy as np
         from sklearn.linear_model import LogisticRegression
 
@@ -230,6 +248,50 @@ class Calibration:
             "C": C,
         }
         return fitted
+
+
+def _detector_of(feature: str) -> str:
+    return feature.split(".", 1)[0]
+
+
+def _cv_balanced_accuracy(vectors, y, C: float, features: list[str]) -> float:
+    import numpy as np
+    from sklearn.model_selection import StratifiedKFold
+
+    predicted = np.zeros(len(y), bool)
+    for train, test in StratifiedKFold(5, shuffle=True, random_state=0).split(np.zeros(len(y)), y):
+        try:
+            model = Calibration.fit([vectors[i] for i in train], y[train].tolist(), C, features, prune=False)
+        except CalibrationError:
+            return 0.0
+        predicted[test] = [model.risk_of_vector(vectors[i]) >= model.threshold for i in test]
+    return balanced_accuracy(predicted, y)
+
+
+def _prune(vectors, labels, C: float, names: list[str]) -> tuple[list[str], list[str]]:
+    """(features kept, detectors pruned): backward elimination of whole detectors by cross-validated
+    balanced accuracy, the cheapest loss first, while within `PRUNE_TOLERANCE` of the best reached."""
+    import numpy as np
+
+    y = np.array([bool(v) for v in labels])
+    known = {n for n in names if any(v.get(n) is not None and math.isfinite(v[n]) for v in vectors)}
+    detectors = list(dict.fromkeys(_detector_of(n) for n in names if n in known))  # never known: `unseen`
+    if len(y) < PRUNE_MIN_ROWS or min(y.sum(), (~y).sum()) < 10 or len(detectors) < 2:
+        return names, []
+    best = _cv_balanced_accuracy(vectors, y, C, names)
+    pruned: list[str] = []
+    while len(detectors) > 1:
+        trials = {}
+        for d in detectors:
+            without = [n for n in names if _detector_of(n) not in {*pruned, d}]
+            trials[d] = _cv_balanced_accuracy(vectors, y, C, without)
+        candidate = max(detectors, key=lambda d: trials[d])
+        if trials[candidate] < best - PRUNE_TOLERANCE:
+            break
+        best = max(best, trials[candidate])
+        pruned.append(candidate)
+        detectors.remove(candidate)
+    return [n for n in names if _detector_of(n) not in pruned], pruned
 
 
 @dataclass

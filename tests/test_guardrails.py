@@ -270,13 +270,33 @@ def test_calibration_handles_unknowns_explicitly():
     assert cal.risk(results) > cal.risk([DetectorResult("grounding", 0.05, {"features": {"number": 0.0}})])
 
 
+def test_calibration_prunes_a_detector_that_adds_no_accuracy_and_keeps_those_that_do():
+    rng = random.Random(3)
+    vectors, labels = [], []
+    for _ in range(400):
+        y = rng.random() < 0.5
+        g = min(1.0, max(0.0, rng.gauss(0.7 if y else 0.3, 0.15)))
+        e = min(1.0, max(0.0, rng.gauss(0.6 if y else 0.4, 0.15)))  # weaker, independent signal
+        vectors.append({"grounding": g, "embedding": e, "noise": rng.random(), "noise.part": rng.random()})
+        labels.append(y)
+    cal = Calibration.fit(vectors, labels)
+    assert cal.pruned == ["noise"] and cal.trained_on["pruned"] == ["noise"]
+    assert not cal.weighs("noise") and cal.weighs("grounding") and cal.weighs("embedding")
+    assert not any(f.startswith("noise") for f in cal.features)
+    unpruned = Calibration.fit(vectors, labels, prune=False)
+    assert unpruned.pruned == [] and "noise" in {f.split(".")[0] for f in unpruned.features}
+    assert Calibration.fit(vectors[:40], labels[:40]).pruned == []  # too few rows to judge
+    assert Calibration.from_dict(cal.to_dict()) == cal
+
+
 def test_calibration_is_monotone():
     vectors, labels = _toy()
     for v, y in zip(vectors, labels, strict=True):
         v["inverted"] = 0.2 if y else 0.8  # a "risk" that is lower on hallucinations
-    cal = Calibration.fit(vectors, labels)
+    cal = Calibration.fit(vectors, labels, prune=False)  # the constraint itself (pruning would also drop it)
     n = len(cal.features)
     assert all(c >= 0 for c in cal.coef[:n]) and "inverted" in cal.dropped
+    assert not Calibration.fit(vectors, labels).weighs("inverted")
 
 
 def test_calibration_rejects_bad_files_and_sets(tmp_path):
