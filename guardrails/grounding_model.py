@@ -5,7 +5,7 @@ LettuceDetect's recipe on a 22M-parameter encoder: one sequence is `[CLS] questi
 answer window [SEP]` and the head gives every answer token the probability that it is not supported
 by the context segment. Trained by `guardrails.grounding_training`; read by the `grounding_model`
 detector (`guardrails/detectors/grounding_model.py`). Imports `core.io`, `guardrails.cache`,
-`guardrails.claims`, `guardrails.text`, `guardrails.detectors.embedding` (the base weights' folder), torch
+`guardrails.claims`, `guardrails.text`, `guardrails.detectors.embedding` (base weights, quiet loading, int8), torch
 and transformers.
 
 Bounded whatever the request: the answer is cut into windows of whole claims of at most
@@ -27,7 +27,6 @@ import math
 import os
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -219,7 +218,8 @@ class GroundingModel:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
         from transformers import AutoModelForTokenClassification, AutoTokenizer
-        from transformers.utils import logging as hf_logging
+
+        from guardrails.detectors.embedding import load_quietly, quantise
 
         self.path = Path(path)
         meta = self.path / "recipe.json"
@@ -230,15 +230,7 @@ class GroundingModel:
         self.meta = json.loads(meta.read_text())
         self.recipe = Recipe.from_dict(self.meta["recipe"])
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            model = AutoModelForTokenClassification.from_pretrained(self.path).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        model = load_quietly(AutoModelForTokenClassification, self.path)
         self.model = quantise(model) if precision == "int8" else model
         self.encoder = Encoder(self.tokenizer, self.recipe)
         self._torch = torch
@@ -272,20 +264,6 @@ class GroundingModel:
             if inside:
                 claim_probs.append((start, end, max(inside)))
         return Scored(tokens, claim_probs, len(windows), complete)
-
-
-def quantise(model):
-    """Dynamic per-channel int8 linear layers (the model unchanged where this torch has no such kernels)."""
-    import torch
-
-    try:
-        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8)
-    except (ImportError, RuntimeError, AttributeError):  # pragma: no cover - depends on the torch build
-        return model
 
 
 def spans_of(token_probs: list[tuple[int, int, float]], answer: str, threshold: float = 0.5) -> list[tuple[int, int]]:

@@ -74,23 +74,14 @@ class SentenceEncoder:
 
             self._st = SentenceTransformer(str(self.path), device="cpu", model_kwargs={"dtype": dtype})
             if precision == "int8":  # the Transformer module keeps its model in `.model` (`auto_model` aliases it)
-                self._st[0].model = _quantise(self._st[0].model)
+                self._st[0].model = quantise(self._st[0].model)
             return
         from transformers import AutoModel, AutoTokenizer
-        from transformers.utils import logging as hf_logging
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        try:
-            model = AutoModel.from_pretrained(self.path, dtype=dtype).eval()
-        finally:
-            hf_logging.set_verbosity(verbosity)
-            if bars:
-                hf_logging.enable_progress_bar()
+        model = load_quietly(AutoModel, self.path, dtype=dtype)
         model.pooler = None  # sentence embeddings mean-pool the last hidden state; the pooler is unused
-        self.model = _quantise(model) if precision == "int8" else model
+        self.model = quantise(model) if precision == "int8" else model
 
     def encode(self, texts: list[str]):
         import numpy as np
@@ -111,7 +102,23 @@ class SentenceEncoder:
             return torch.nn.functional.normalize(pooled, dim=-1).numpy()
 
 
-def _quantise(model):
+def load_quietly(model_class, path: Path, **kwargs):
+    """`model_class.from_pretrained(path, **kwargs)` in eval mode, without transformers' loading bar and
+    warnings (the guard's start-up prints what it does, not the library's internals)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(path, **kwargs).eval()
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def quantise(model):
     """Dynamic per-channel int8 quantisation of the linear layers (falls back to the model unchanged
     where this PyTorch build has no quantised CPU kernels)."""
     import torch
