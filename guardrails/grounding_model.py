@@ -102,6 +102,10 @@ class Encoder:
         self.recipe = recipe
         self._sentences: LRU[str, list[int]] = LRU(cache_size)  # sha256(sentence) -> token ids
 
+    def clear_cache(self) -> None:
+        """Forget the tokenised context sentences (the next check starts cold)."""
+        self._sentences.clear()
+
     def _ids(self, texts: list[str]) -> list[list[int]]:
         keys = [sha256_text(t) for t in texts]
         found = [self._sentences.get(k) for k in keys]
@@ -237,7 +241,7 @@ class GroundingModel:
         self._lock = threading.Lock()
 
     def clear_cache(self) -> None:
-        self.encoder._sentences.clear()
+        self.encoder.clear_cache()
 
     def score(self, question: str, context: str, answer: str, deadline: float | None = None) -> Scored:
         """Token and claim probabilities; `deadline` (a `time.perf_counter()` value) stops between batches."""
