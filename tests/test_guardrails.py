@@ -431,6 +431,9 @@ def test_guard_calibrate_and_bench_guard_commands(tmp_path, grounding_rows):
     summary = json.loads(result.stdout)
     assert summary["path"] == str(tmp_path / "var" / "guardrails" / "calibration.json")
     assert Calibration.load(summary["path"]).trained_on["rows"] == 240
+    saved = Calibration.load(summary["path"])  # longer answers than these rows: the transfer's weights
+    transfer = {f"grounding.{f}{u}" for f in ("excess_log", "number") for u in ("", "?unknown")}
+    assert summary["length_range"] == saved.length_range and set(summary["transfer_weights"]) <= transfer
 
     out = tmp_path / "bench"
     args = ["bench", "guard", "--data", str(data), "--calibrate", str(data), "--config", str(config), "--json"]

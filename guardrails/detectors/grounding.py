@@ -15,6 +15,16 @@ nothing to check (e.g. "yes"): 0, with `"checked": 0` in the evidence. The calib
 (`guardrails.calibration`) also sees the parts, as `grounding.<feature>`, and the counts of unsupported
 words, numbers and entities (and of the worst sentence's words) on a log scale (`*_log`).
 
+`excess_log` counts what does not depend on the answer's length: the unsupported words beyond
+`PARAPHRASE_ALLOWANCE` of the answer's content words. A faithful answer written in its own words
+leaves some of them unmatched ("steps", "include", "households"); an extractive one (HaluEval QA's)
+none. The allowance, 0.2, is the median share a faithful answer leaves unmatched, measured on the
+human-labelled faithful rows of the training folders (`tunegate bench guard-allowance`: 0.20 pooled
+over the 2,125 faithful rows of the learned grounding model's training mix; per source from 0.0 to
+0.71). The calibration scores answers longer than those it was fitted on by this feature and `number`
+alone (`guardrails.calibration`, "Answers longer than the fit rows"). A list item's number ("2.") is
+not a number the answer states.
+
 What a passage offers as support is cached per SHA-256 of the passage (the cache holds no text),
 for the `GROUNDING_CACHE_SIZE` most recently used passages (`guardrails.cache`).
 """
@@ -22,6 +32,7 @@ for the `GROUNDING_CACHE_SIZE` most recently used passages (`guardrails.cache`).
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 from core.io import sha256_text
@@ -30,6 +41,8 @@ from guardrails.text import Number, content_words, entities, numbers, sentences,
 from guardrails.types import CheckInput, DetectorResult, reads
 
 NAME = "grounding"
+#: Share of a faithful answer's content words the context does not contain (module docstring).
+PARAPHRASE_ALLOWANCE = 0.2
 
 
 @dataclass(frozen=True)
@@ -46,6 +59,9 @@ class _Support:
         return any(abs(v - n.value) <= 1e-9 * max(1.0, abs(v)) and (not n.unit or not u or u == n.unit)
                    for v, u in self.numbers)  # fmt: skip
 
+
+# A list item's number ("2. Preheat the oven"): the list's structure, not a number the answer states.
+_LIST_MARKER_RE = re.compile(r"\s*\(?\d{1,3}[.):](?:\s|$)")
 
 #: Passages whose support stays cached, least recently used out first.
 GROUNDING_CACHE_SIZE = 2048
@@ -91,7 +107,8 @@ def grounding(inp: CheckInput) -> DetectorResult:
     per_sentence = []
     for s_start, s_end in sentences(answer):
         sent = answer[s_start:s_end]
-        nums = numbers(sent)
+        marker = _LIST_MARKER_RE.match(sent)
+        nums = [n for n in numbers(sent) if not (marker and n.start < marker.end())]
         num_spans = [(n.start, n.end) for n in nums]
         words = [t for t in content_words(sent) if not any(a <= t.start < b for a, b in num_spans)]
         words = [t for t in words if not t.stem.replace(".", "").isdigit()]
@@ -148,6 +165,7 @@ def grounding(inp: CheckInput) -> DetectorResult:
         "numbers_log": _log_share(unsup_nums, 16),
         "entities_log": _log_share(unsup_ents, 16),
         "worst_sentence_log": _log_share(max((x["unsupported_words"] for x in per_sentence), default=0), 16),
+        "excess_log": _log_share(unsup_both - PARAPHRASE_ALLOWANCE * n_words, 64),  # beyond paraphrase
     }
     evidence = {
         "checked": n_words + n_nums,
@@ -163,9 +181,9 @@ def grounding(inp: CheckInput) -> DetectorResult:
     return DetectorResult(NAME, score, evidence, _merge(spans, answer))
 
 
-def _log_share(count: int, cap: int) -> float:
-    """log(1 + count) / log(1 + cap), at most 1: 0 for none, 1 from `cap` on."""
-    return min(1.0, math.log1p(count) / math.log1p(cap))
+def _log_share(count: float, cap: int) -> float:
+    """log(1 + count) / log(1 + cap), at most 1: 0 for none (or fewer), 1 from `cap` on."""
+    return min(1.0, math.log1p(max(0.0, count)) / math.log1p(cap))
 
 
 grounding.clear_cache = lambda: _SUPPORTS.clear()  # type: ignore[attr-defined]  # forget cached passages (cold start)

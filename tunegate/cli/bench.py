@@ -119,6 +119,25 @@ def bench_guard(
     _report(result, json_out, result["plot"])
 
 
+@bench_app.command("guard-allowance")
+def bench_guard_allowance(
+    data_dir: Annotated[Path, typer.Option(help="The shared data folder (its training folders are read).")] = Path(
+        "../shared/data"
+    ),
+    json_out: JsonOption = False,
+    out: Annotated[Path, typer.Option(help="Folder for the JSON and plot.")] = Path("bench/out/guard"),
+) -> None:
+    """How much of a faithful answer its context lacks (the grounding detector's paraphrase allowance)."""
+    from bench.guard_allowance import run
+    from guardrails.calibration import CalibrationError
+
+    try:
+        result = run(data_dir, out)
+    except (FileNotFoundError, CalibrationError) as err:
+        raise fail(str(err)) from None
+    _report(result, json_out, result["plot"])
+
+
 @bench_app.command("guard-learning")
 def bench_guard_learning(
     data: Annotated[Path, typer.Option(help="Labelled JSONL, split by context: evaluation and reviewed pool.")] = Path(

@@ -56,6 +56,8 @@ def guard_calibrate(
         **calibration.trained_on,
         "threshold": round(calibration.threshold, 4),
         "weights": calibration.weights(),
+        # Answers longer than `length_range` content words are scored by these weights (README).
+        "transfer_weights": calibration.transfer.weights() if calibration.transfer else None,
         "unseen": calibration.unseen,
         "dropped": calibration.dropped,
     }
