@@ -140,3 +140,31 @@ def test_constant_transfer_features_mean_no_transfer_and_a_clear_error_alone():
     assert Calibration.fit(flat, labels).transfer is None  # nothing to fit the transfer on: none
     with pytest.raises(CalibrationError, match="varies"):
         Calibration.fit([{"grounding": 0.5}] * 20, [True, False] * 10)
+
+
+def test_bench_guard_allowance_reads_the_training_folders_only(tmp_path):
+    from typer.testing import CliRunner
+
+    from tunegate.cli import app
+
+    rows = {
+        "summedits": [(LONG_FAITHFUL, False), (LONG_INVENTED, True)],
+        "rte": [("Tariff T417 costs 12.40 EUR.", False), ("Households in Northvale pay 12.40 EUR.", False)],
+        "ragtruth-qa-dev": [("Dev rows are never read.", False)],  # a dev set: must not be counted
+    }
+    for folder, items in rows.items():
+        (tmp_path / folder).mkdir()
+        lines = [{"qid": f"{folder}-{i}", "knowledge": CONTEXT, "question": QUESTION, "answer": a, "hallucinated": h,
+                  "source": folder} for i, (a, h) in enumerate(items)]  # fmt: skip
+        (tmp_path / folder / f"{folder}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["bench", "guard-allowance", "--data-dir", str(tmp_path), "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["allowance"] == PARAPHRASE_ALLOWANCE and set(report["per_source"]) == {"summedits", "rte"}
+    assert report["pooled"]["rows"] == 3 and report["per_source"]["summedits"]["hallucinated_median"] > 0.2
+    assert sorted(p.name for p in out.iterdir()) == ["guard_allowance.json", "guard_allowance.png"]
+    missing = CliRunner().invoke(app, ["bench", "guard-allowance", "--data-dir", str(tmp_path / "none")])
+    assert missing.exit_code != 0 and "no training folders" in missing.output
