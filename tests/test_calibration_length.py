@@ -168,3 +168,15 @@ def test_bench_guard_allowance_reads_the_training_folders_only(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["guard_allowance.json", "guard_allowance.png"]
     missing = CliRunner().invoke(app, ["bench", "guard-allowance", "--data-dir", str(tmp_path / "none")])
     assert missing.exit_code != 0 and "no training folders" in missing.output
+
+
+def test_a_fit_on_answers_in_their_own_words_needs_no_transfer():
+    vectors, labels = _short_rows()
+    own_words = [
+        {**vec, "grounding.excess_log": 0.1} if not y and i % 4 == 1 else vec
+        for i, (vec, y) in enumerate(zip(vectors, labels, strict=True))
+    ]  # a quarter of the faithful answers go beyond the paraphrase allowance: the fit has seen paraphrase
+    cal = Calibration.fit(own_words, labels)
+    assert cal.transfer is None and cal.length_range is None
+    long = _vector(LONG_FAITHFUL)
+    assert cal.risk_of_vector(long) == Calibration.fit(own_words, labels, transfer=False).risk_of_vector(long)
