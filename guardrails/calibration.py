@@ -111,7 +111,7 @@ class Calibration:
     unseen: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)  # value features the monotone constraint removed
     pruned: list[str] = field(default_factory=list)  # detectors left out: they added no accuracy
-    length_range: float | None = None  # the longest fit answer, in content words; beyond it `transfer` scores
+    length_range: float | None = None  # fit answers' length (95th pct, content words); beyond: `transfer`
     transfer: Calibration | None = None  # fitted on `TRANSFER_FEATURES` only, threshold moved onto this one's
     trained_on: dict[str, Any] = field(default_factory=dict)
     version: int = VERSION
@@ -140,7 +140,7 @@ class Calibration:
     def risk_of_vector(self, vector: Features) -> float:
         length = vector.get(LENGTH)
         if self.transfer is not None and self.length_range is not None and length is not None:
-            if length > self.length_range:  # longer than any fit answer: only the length-free features
+            if length > self.length_range:  # longer than the fit answers: only the length-free features
                 return self.transfer.risk_of_vector(vector)
         cols = self.columns(vector)
         z = self.intercept + sum(
@@ -251,7 +251,7 @@ class Calibration:
         Z = (X - center) / scale
         n = len(seen)
         active = [i for i in range(2 * n) if X[:, i].std() > 1e-12]  # constant columns carry nothing
-        if not [i for i in active if i < n]:
+        if not active:
             raise CalibrationError("no detector score varies on the calibration rows")
         dropped: list[str] = []
         while True:
