@@ -65,7 +65,7 @@ LENGTH_QUANTILE = 95
 TRANSFER_FEATURES = ("grounding.excess_log", "grounding.number")
 #: A transfer is fitted only on extractive rows: at most this share of the faithful ones go beyond the
 #: paraphrase allowance (`PARAPHRASE` > 0). Rows in their own words teach the full regression paraphrase.
-PARAPHRASE, EXTRACTIVE_SHARE = "grounding.excess_log", 0.1
+PARAPHRASE, EXTRACTIVE_SHARE = TRANSFER_FEATURES[0], 0.1
 Features = dict[str, float | None]
 
 
@@ -139,9 +139,8 @@ class Calibration:
 
     def risk_of_vector(self, vector: Features) -> float:
         length = vector.get(LENGTH)
-        if self.transfer is not None and self.length_range is not None and length is not None:
-            if length > self.length_range:  # longer than the fit answers: only the length-free features
-                return self.transfer.risk_of_vector(vector)
+        if self.transfer is not None and length is not None and length > (self.length_range or math.inf):
+            return self.transfer.risk_of_vector(vector)  # longer than the fit answers: length-free features only
         cols = self.columns(vector)
         z = self.intercept + sum(
             c * (x - m) / s for c, x, m, s in zip(self.coef, cols, self.center, self.scale, strict=True)
